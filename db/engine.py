@@ -1,0 +1,91 @@
+"""Database URL, engine and session factory.
+
+The one place that reads ``CVGL_DATABASE_URL``. Unset means the embedded default: a SQLite
+file (``CVGL_HOME``/cvgl.sqlite3, by default ``~/.local/share/cvgl-rerank``). Imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+DATABASE_URL_ENV = "CVGL_DATABASE_URL"
+HOME_ENV = "CVGL_HOME"
+
+
+def cvgl_home() -> Path:
+    """Folder for embedded-mode state (SQLite file), from ``CVGL_HOME`` or the XDG data dir."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "cvgl-rerank"
+
+
+def database_url() -> str:
+    """The database URL: ``CVGL_DATABASE_URL`` or a SQLite file in :func:`cvgl_home`."""
+    url = os.environ.get(DATABASE_URL_ENV, "").strip()
+    if not url:
+        return f"sqlite:///{cvgl_home() / 'cvgl.sqlite3'}"
+    return normalize_url(url)
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs (SQLAlchemy would pick psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str | None = None) -> Engine:
+    """Create an engine with the settings each backend needs for several writer processes."""
+    url = normalize_url(url or database_url())
+    if is_sqlite(url):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # The embedded worker thread and the coordinator write concurrently; pysqlite's
+        # default 5 s lock wait is too short under load, and WAL lets readers proceed.
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every SQLite test
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    # pool_pre_ping: a PostgreSQL restart leaves dead pooled connections behind.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """A process-wide engine per URL (see :func:`dispose_engines` for forked children)."""
+    url = normalize_url(url or database_url())
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES[url] = make_engine(url)
+    return engine
+
+
+def session_factory(url: str | None = None) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def dispose_engines() -> None:
+    """Drop pooled connections inherited through fork, without closing the parent's sockets."""
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)

@@ -1,0 +1,128 @@
+"""The coordinator's I/O shell: load stored outcomes, replay the strategy, write or enqueue.
+
+``advance`` is the whole coordinator. It is called after a run is created, by the
+``cvgl.advance`` task when workers store verdicts, and by ``resume``; the same call resumes after
+any crash because the strategy replays from what the database holds. New judgments are created
+as pending rows first (their insert decides who enqueues them) and enqueued after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import session_factory
+from db.models import FAILED
+from db.queries import (
+    RunInfo,
+    add_pending,
+    candidate_lists,
+    chunked,
+    finish_run_if_complete,
+    mark_enqueued,
+    open_queries,
+    pairwise_outcomes,
+    pointwise_outcomes,
+    run_info,
+    write_rankings,
+)
+from orchestrator.strategies.base import Done, Strategy, get_strategy
+from workers.tasks import judge_pairwise, judge_pointwise
+
+log = logging.getLogger(__name__)
+
+# Queries replayed per transaction: bounds memory for runs of tens of thousands of queries.
+REPLAY_CHUNK = 500
+
+
+@dataclass
+class Advance:
+    """What one call did."""
+
+    finished_queries: int = 0
+    new_judgments: int = 0
+    tasks_sent: int = 0
+    run_done: bool = False
+
+
+class UnknownRun(LookupError):
+    pass
+
+
+def strategy_for(info: RunInfo) -> Strategy:
+    return get_strategy(info.strategy, **info.params.get("strategy_options", {}))
+
+
+def advance(run_id: int, query_ids: Iterable[int] | None = None, sessions: sessionmaker[Session] | None = None) -> Advance:
+    """Replay the run's unfinished queries (all, or those given); write rankings, enqueue needs."""
+    sessions = sessions or session_factory()
+    result = Advance()
+    with sessions() as s:
+        info = run_info(s, run_id)
+    if info is None:
+        raise UnknownRun(f"run {run_id} does not exist")
+    if info.status == "done":
+        result.run_done = True
+        return result
+    strategy = strategy_for(info)
+    with sessions() as s:
+        todo = open_queries(s, run_id, query_ids)
+    for part in chunked(todo, REPLAY_CHUNK):
+        with sessions.begin() as s:
+            finished, new_ids = _replay_part(s, info, strategy, part)
+        result.finished_queries += finished
+        result.new_judgments += len(new_ids)
+        result.tasks_sent += enqueue(sessions, info, strategy.kind, new_ids)
+    with sessions.begin() as s:
+        result.run_done = finish_run_if_complete(s, run_id)
+    return result
+
+
+def _replay_part(s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int]) -> tuple[int, list[int]]:
+    candidates = candidate_lists(s, info.candidate_set_id, query_ids, info.k)
+    if strategy.kind == "pairwise":
+        stored = pairwise_outcomes(s, info.id, query_ids)
+    else:
+        stored = pointwise_outcomes(s, info.id, query_ids)
+    orders: dict[int, tuple] = {}
+    pending_rows: list[dict] = []
+    for q in query_ids:
+        cands = candidates.get(q, [])
+        rows = stored.get(q, {})
+        if strategy.kind == "pairwise":
+            # A failed comparison counts as "first wins": the order shown (current order) is kept.
+            outcomes = {pair: (True if r.status == FAILED else r.first_wins) for pair, r in rows.items() if r.status != "pending"}
+        else:
+            outcomes = {t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != "pending"}
+        step = strategy.replay(cands, outcomes)
+        if isinstance(step, Done):
+            orders[q] = step.order
+            continue
+        for item in step.items:
+            if item in rows:  # already pending: in flight, or reconciled later
+                continue
+            if strategy.kind == "pairwise":
+                pending_rows.append({"run_id": info.id, "query_id": q, "tile_first": item[0], "tile_second": item[1]})
+            else:
+                pending_rows.append({"run_id": info.id, "query_id": q, "tile_id": item})
+    if orders:
+        write_rankings(s, info.id, orders)
+    new_ids = add_pending(s, strategy.kind, pending_rows)
+    return len(orders), new_ids
+
+
+def enqueue(sessions: sessionmaker[Session], info: RunInfo, kind: str, ids: Sequence[int]) -> int:
+    """Send judgment ids to the run's model queue in tasks of ``batch_size``; stamp them enqueued."""
+    if not ids:
+        return 0
+    task = judge_pairwise if kind == "pairwise" else judge_pointwise
+    sent = 0
+    for batch in chunked(list(ids), max(1, info.batch_size)):
+        task.apply_async(args=[list(batch)], queue=info.queue)
+        with sessions.begin() as s:
+            mark_enqueued(s, kind, batch)
+        sent += 1
+    return sent

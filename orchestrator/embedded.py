@@ -1,0 +1,52 @@
+"""The no-services mode: an in-process Celery worker thread on kombu's ``memory://`` broker.
+
+With no ``CVGL_BROKER_URL`` the CLI starts this worker itself, consuming the run's model queue
+and the coordination queue, so the same tasks run unchanged, one at a time, in this process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from celery.worker import WorkController
+
+import orchestrator.tasks  # noqa: F401  (registers cvgl.advance on the app)
+from workers.app import app
+from workers.queues import COORDINATION_QUEUE
+
+
+class _EmbeddedWorker(WorkController):
+    def __init__(self, *args, **kwargs) -> None:
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer) -> None:
+        self.ready.set()
+
+
+@contextmanager
+def embedded_worker(queues: Sequence[str], startup_timeout: float = 30.0) -> Iterator[WorkController]:
+    """Run a solo-pool worker thread consuming ``queues`` (plus coordination) until the block ends."""
+    names = list(dict.fromkeys([*queues, COORDINATION_QUEUE]))
+    worker = _EmbeddedWorker(
+        app=app,
+        pool_cls="solo",
+        concurrency=1,
+        queues=names,
+        hostname="embedded@localhost",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        loglevel="WARNING",
+    )
+    thread = threading.Thread(target=worker.start, name="cvgl-embedded-worker", daemon=True)
+    thread.start()
+    if not worker.ready.wait(startup_timeout):
+        raise RuntimeError("the embedded Celery worker did not start")
+    try:
+        yield worker
+    finally:
+        worker.stop(in_sighandler=False)
+        thread.join(timeout=30)

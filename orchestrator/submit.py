@@ -1,0 +1,122 @@
+"""Create a rerank run: validate the choices, sample the queries, store the run's provenance."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Candidate, CandidateSet, Query, Run, RunQuery
+from db.upsert import insert_ignore
+from orchestrator.strategies.base import get_strategy
+from workers.judges.registry import check_judge_name, default_model, default_revision, load_judge
+from workers.prompts import SPECS, load_prompt
+from workers.queues import queue_for
+
+DEFAULT_PROMPT = {"pairwise": "pairwise", "pointwise": "yesno"}
+DEFAULT_BATCH_SIZE = {"simulated": 64}
+FALLBACK_BATCH_SIZE = 16
+
+
+class SubmitError(ValueError):
+    pass
+
+
+@dataclass
+class RunSpec:
+    strategy: str = "pairwise"
+    prompt: str | None = None
+    judge: str = "simulated"
+    model: str | None = None
+    revision: str | None = None
+    candidates: str | None = None
+    n_queries: int | None = 500  # None: every query of the candidate set
+    seed: int = 0
+    k: int = 20
+    batch_size: int | None = None
+    max_attempts: int = 3
+    queue: str | None = None
+    judge_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
+    if name:
+        cs = s.scalar(select(CandidateSet).where(CandidateSet.name == name))
+        if cs is None:
+            known = ", ".join(s.scalars(select(CandidateSet.name).order_by(CandidateSet.name))) or "none"
+            raise SubmitError(f"no candidate set named {name!r} (known: {known})")
+        return cs
+    sets = list(s.scalars(select(CandidateSet).order_by(CandidateSet.id)))
+    if not sets:
+        raise SubmitError("no candidate set stored; run `orchestrator import-candidates` first")
+    if len(sets) > 1:
+        raise SubmitError("several candidate sets are stored; choose one with --candidates: " + ", ".join(c.name for c in sets))
+    return sets[0]
+
+
+def sample_queries(names_to_ids: dict[str, int], n: int | None, seed: int) -> list[int]:
+    """A reproducible sample, by query name (so the same data gives the same sample in any database)."""
+    names = sorted(names_to_ids)
+    if n is None or n >= len(names):
+        chosen = names
+    else:
+        chosen = sorted(random.Random(seed).sample(names, n))
+    return [names_to_ids[x] for x in chosen]
+
+
+def create_run(s: Session, spec: RunSpec) -> int:
+    """Store the run and its queries; the caller advances it after the commit."""
+    strategy = get_strategy(spec.strategy, **spec.strategy_options)  # raises UnknownStrategy
+    prompt_name = spec.prompt or DEFAULT_PROMPT[strategy.kind]
+    prompt = load_prompt(prompt_name)  # raises KeyError for unknown names
+    if SPECS[prompt_name].kind != strategy.kind:
+        raise SubmitError(
+            f"prompt {prompt_name!r} is {SPECS[prompt_name].kind}; strategy {spec.strategy!r} needs a {strategy.kind} prompt"
+        )
+    check_judge_name(spec.judge)
+    model = spec.model or default_model(spec.judge)
+    if spec.k < 2:
+        raise SubmitError("--k must be at least 2")
+    if spec.n_queries is not None and spec.n_queries < 1:
+        raise SubmitError("--queries must be at least 1")
+    if spec.max_attempts < 1:
+        raise SubmitError("--max-attempts must be at least 1")
+    cs = pick_candidate_set(s, spec.candidates)
+    if spec.k > cs.k:
+        raise SubmitError(f"--k {spec.k} exceeds the {cs.k} candidates per query of {cs.name!r}")
+    names = dict(
+        s.execute(
+            select(Query.name, Query.id)
+            .join(Candidate, Candidate.query_id == Query.id)
+            .where(Candidate.candidate_set_id == cs.id, Candidate.rank == 1)
+        ).tuples().all()
+    )
+    query_ids = sample_queries(names, spec.n_queries, spec.seed)
+    judge_options = dict(spec.judge_options)
+    if spec.judge == "simulated":
+        judge_options.setdefault("seed", spec.seed)
+        load_judge(spec.judge, model, spec.revision, **judge_options)  # cheap: validates the options now
+    run = Run(
+        candidate_set_id=cs.id,
+        strategy=spec.strategy,
+        prompt_name=prompt.name,
+        prompt_sha256=prompt.sha256,
+        judge=spec.judge,
+        model=model,
+        model_revision=spec.revision or default_revision(spec.judge),
+        queue=spec.queue or queue_for(model),
+        seed=spec.seed,
+        k=spec.k,
+        n_queries=len(query_ids),
+        batch_size=spec.batch_size or DEFAULT_BATCH_SIZE.get(spec.judge, FALLBACK_BATCH_SIZE),
+        max_attempts=spec.max_attempts,
+        params={"judge_options": judge_options, "strategy_options": dict(spec.strategy_options)},
+    )
+    s.add(run)
+    s.flush()
+    insert_ignore(s, RunQuery.__table__, [{"run_id": run.id, "query_id": q} for q in query_ids], key=["run_id", "query_id"])
+    return run.id

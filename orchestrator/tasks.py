@@ -1,0 +1,35 @@
+"""The coordination task, served by ``celery -A orchestrator.tasks worker -Q coordination``.
+
+Judgment workers send ``cvgl.advance`` by name after storing verdicts (workers never import the
+orchestrator); this module registers it on the same Celery app.
+"""
+
+from __future__ import annotations
+
+from celery import Task
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+import workers.tasks  # noqa: F401  (registers the judgment tasks this worker may also serve)
+from orchestrator.coordinator import UnknownRun, advance
+from workers.app import app
+from workers.tasks import ADVANCE_TASK
+
+__all__ = ["app", "advance_task"]
+
+
+@app.task(
+    name=ADVANCE_TASK,
+    bind=True,
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=50,
+)
+def advance_task(self: Task, run_id: int, query_ids: list[int] | None = None) -> dict:
+    """Advance a run's queries after their verdicts were stored."""
+    try:
+        result = advance(int(run_id), query_ids)
+    except UnknownRun:
+        return {"error": f"run {run_id} does not exist"}
+    return result.__dict__

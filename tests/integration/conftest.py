@@ -1,0 +1,198 @@
+"""Real services for integration tests: PostgreSQL, Redis and Celery worker processes.
+
+``CVGL_TEST_DATABASE_URL`` (a server where databases can be created) and ``CVGL_TEST_REDIS_URL``
+select running servers (``.ci/run`` starts them); otherwise the session starts its own on free
+loopback ports. Every test gets a fresh migrated database and an empty Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from db.migrate import upgrade_to_head
+from tests.builders import synthetic_dataset
+from tests.services import PostgresServer, RedisServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer | None]:
+    if os.environ.get("CVGL_TEST_REDIS_URL"):
+        yield None
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return os.environ.get("CVGL_TEST_REDIS_URL") or redis_server.url
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory) -> Iterator[PostgresServer | None]:
+    if os.environ.get("CVGL_TEST_DATABASE_URL"):
+        yield None
+        return
+    server = PostgresServer(None, free_port()).start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server) -> str:
+    url = os.environ.get("CVGL_TEST_DATABASE_URL") or pg_server.admin_url
+    return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+
+
+@pytest.fixture
+def pg_url(pg_admin_url) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test."""
+    name = f"cvgl_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    upgrade_to_head(url)
+    yield url
+    from db.engine import _ENGINES
+
+    engine = _ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def clean_redis(redis_url) -> str:
+    redis.Redis.from_url(redis_url).flushdb()
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    return synthetic_dataset(tmp_path_factory.mktemp("vigor") / "VIGOR", n_queries=40)
+
+
+@pytest.fixture
+def stack_env(pg_url, clean_redis, tmp_path) -> dict[str, str]:
+    """Environment for CLI and worker subprocesses on this test's database and Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVGL_")}
+    env.update(
+        CVGL_DATABASE_URL=pg_url,
+        CVGL_BROKER_URL=clean_redis,
+        CVGL_HOME=str(tmp_path / "home"),
+        # Short redelivery so killed work comes back within the test (queue-and-db.md §12).
+        CVGL_VISIBILITY_TIMEOUT="8",
+        CVGL_UNACKED_RESTORE_INTERVAL="1",
+        CVGL_SOFT_SHUTDOWN_TIMEOUT="2",
+        CVGL_STALL_SECONDS="15",
+        PYTHONPATH=str(REPO),
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+def cli(env: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m orchestrator ARGS`` as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"orchestrator {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class CeleryWorker:
+    """A real ``celery worker`` process (prefork, one child), as users start it."""
+
+    env: dict[str, str]
+    queues: list[str]
+    name: str
+    app: str = "orchestrator.tasks"
+    log: Path | None = None
+    process: subprocess.Popen | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> CeleryWorker:
+        assert self.log is not None
+        self._fh = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "-P", "prefork", "-c", "1",
+             "-Q", ",".join(self.queues), "-n", f"{self.name}@%h", "--loglevel", "INFO", "--without-gossip",
+             "--without-mingle", *self.extra],
+            env=self.env, cwd=REPO, stdout=self._fh, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"ready." in self.log.read_bytes():
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def children(self) -> list[psutil.Process]:
+        assert self.process is not None
+        return psutil.Process(self.process.pid).children()
+
+    def kill_child(self) -> int:
+        """SIGKILL the pool child (what an OOM kill or a segfault does)."""
+        (child,) = self.children()
+        os.kill(child.pid, signal.SIGKILL)
+        return child.pid
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, parent and child."""
+        if self.process is None:
+            return
+        for c in self.children():
+            c.kill()
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.process = None
+        self._fh.close()
+
+
+@pytest.fixture
+def workers(stack_env, tmp_path) -> Iterator[callable]:
+    """Factory for worker processes; all are stopped at the end of the test."""
+    started: list[CeleryWorker] = []
+
+    def start(queues: list[str], name: str, **kw) -> CeleryWorker:
+        w = CeleryWorker(stack_env, queues, name, log=tmp_path / f"{name}.log", **kw).start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

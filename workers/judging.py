@@ -1,0 +1,156 @@
+"""Ask a batch of judgments of one prompt and read the answers: the procedure per prompt mode.
+
+- choices: one forward pass; the answer is the renormalised probability of the choice tokens.
+- generate (Direct): decode the answer and parse a 0-100 score; unparsable -> a failed judgment.
+- reason: decode the reasoning, then read P(Yes) after it (one more forward pass).
+A batch that raises is retried one request at a time, so one bad item fails alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from db.models import DONE, FAILED
+from workers import scoring
+from workers.judges.base import Judge, JudgeRequest
+from workers.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+DIRECT_MAX_NEW_TOKENS = 16
+REASONING_MAX_NEW_TOKENS = 256
+# Asked after the model's reasoning, so the next token is the Yes/No answer.
+REASONING_ANSWER_CUE = "\nAnswer:"
+
+
+@dataclass
+class Item:
+    """One judgment of a batch: its row id and the request to ask."""
+
+    id: int
+    request: JudgeRequest
+
+
+@dataclass
+class Outcome:
+    id: int
+    status: str
+    raw_output: str | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+    result: dict[str, Any] = field(default_factory=dict)  # table-specific columns
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "raw_output": self.raw_output,
+                "error": self.error, "latency_ms": self.latency_ms, **self.result}
+
+
+def failed(item_id: int, error: str) -> Outcome:
+    return Outcome(item_id, FAILED, error=error[:2000])
+
+
+def resolve_image(root: str | Path, relative: str) -> Path:
+    """The image path under the dataset root; anything that escapes the root is refused."""
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"image path {relative!r} leaves the dataset root {base}")
+    return path
+
+
+def missing_images(request: JudgeRequest) -> list[Path]:
+    return [p for p in request.images if not p.is_file()]
+
+
+def run_batch(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
+    """Judge ``items`` with ``prompt``; one Outcome per item, in order. Never raises for an item."""
+    ready: list[Item] = []
+    outcomes: dict[int, Outcome] = {}
+    for it in items:
+        missing = missing_images(it.request)
+        if missing:
+            outcomes[it.id] = failed(it.id, "image not found: " + ", ".join(map(str, missing)))
+        else:
+            ready.append(it)
+    if ready:
+        procedure = _PROCEDURES[prompt.spec.mode]
+        t0 = time.perf_counter()
+        try:
+            done = procedure(judge, prompt, ready)
+        except Exception as exc:  # isolate the bad request: retry one at a time
+            log.warning("batch of %d failed (%s: %s); retrying one at a time", len(ready), type(exc).__name__, exc)
+            done = []
+            for it in ready:
+                t1 = time.perf_counter()
+                try:
+                    (one,) = procedure(judge, prompt, [it])
+                except Exception as item_exc:
+                    one = failed(it.id, f"{type(item_exc).__name__}: {item_exc}")
+                one.latency_ms = (time.perf_counter() - t1) * 1000.0
+                done.append(one)
+        else:
+            per_item = (time.perf_counter() - t0) * 1000.0 / len(ready)
+            for o in done:
+                o.latency_ms = per_item
+        outcomes.update((o.id, o) for o in done)
+    return [outcomes[it.id] for it in items]
+
+
+def _ask_choices(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
+    spec = prompt.spec
+    reqs = [replace(it.request, answer_prefix=spec.answer_prefix) for it in items]
+    probs = judge.choice_probs(reqs, spec.choices)
+    return [_read_choices(prompt, it.id, p) for it, p in zip(items, probs, strict=True)]
+
+
+def _read_choices(prompt: Prompt, item_id: int, probs: dict[str, float], raw_prefix: str = "") -> Outcome:
+    raw = raw_prefix + json.dumps({c: probs[c] for c in prompt.spec.choices})
+    if prompt.spec.kind == "pairwise":
+        p1, p2 = scoring.pairwise_preference(probs)
+        # Ties keep the order shown (the first tile), as the paper's code keeps the incumbent.
+        return Outcome(item_id, DONE, raw_output=raw, result={"first_wins": p1 >= p2, "p_first": p1, "p_second": p2})
+    if prompt.spec.choices == ("Yes", "No"):
+        score = scoring.p_yes(probs)
+    else:
+        score = scoring.likert_expectation(probs)
+    return Outcome(item_id, DONE, raw_output=raw, result={"score": score, "probs": scoring.normalize(probs, prompt.spec.choices)})
+
+
+def _ask_direct(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
+    texts = judge.generate([it.request for it in items], DIRECT_MAX_NEW_TOKENS)
+    out = []
+    for it, text in zip(items, texts, strict=True):
+        try:
+            score = scoring.parse_direct_score(text)
+        except scoring.UnparsableAnswer as exc:
+            out.append(Outcome(it.id, FAILED, raw_output=text, error=f"unparsable answer: {exc}"))
+        else:
+            out.append(Outcome(it.id, DONE, raw_output=text, result={"score": score, "probs": None}))
+    return out
+
+
+def _ask_reason(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
+    first = [replace(it.request, context={**it.request.context, "step": "reasoning"}) for it in items]
+    reasoning = judge.generate(first, REASONING_MAX_NEW_TOKENS)
+    second = [
+        replace(it.request, answer_prefix=text.strip() + REASONING_ANSWER_CUE, context={**it.request.context, "step": "answer"})
+        for it, text in zip(items, reasoning, strict=True)
+    ]
+    probs = judge.choice_probs(second, prompt.spec.choices)
+    return [
+        _read_choices(prompt, it.id, p, raw_prefix=text.strip() + "\n")
+        for it, text, p in zip(items, reasoning, probs, strict=True)
+    ]
+
+
+_PROCEDURES: dict[str, Callable[[Judge, Prompt, Sequence[Item]], list[Outcome]]] = {
+    "choices": _ask_choices,
+    "generate": _ask_direct,
+    "reason": _ask_reason,
+}
