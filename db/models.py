@@ -195,6 +195,8 @@ class PairwiseVerdict(_JudgmentColumns, Base):
         CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
         CheckConstraint("tile_first <> tile_second", name="distinct_tiles"),
         Index("ix_pairwise_verdicts_run_status", "run_id", "status"),
+        # Finds a verdict already stored for the same query and tiles by any run (judgment reuse).
+        Index("ix_pairwise_verdicts_query_tiles", "query_id", "tile_first", "tile_second"),
     )
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"))
@@ -214,6 +216,7 @@ class PointwiseScore(_JudgmentColumns, Base):
         UniqueConstraint("run_id", "query_id", "tile_id"),
         CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
         Index("ix_pointwise_scores_run_status", "run_id", "status"),
+        Index("ix_pointwise_scores_query_tile", "query_id", "tile_id"),
     )
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"))

@@ -262,7 +262,7 @@ def attempts_of(session: Session, kind: str, ids: Sequence[int]) -> dict[int, in
     model = JUDGMENT_MODELS[kind]
     out: dict[int, int] = {}
     for part in chunked(list(ids)):
-        out.update(session.execute(select(model.id, model.attempts).where(model.id.in_(part), model.status == PENDING)).tuples().all())
+        out.update(session.execute(select(model.id, model.attempts).where(model.id.in_(part), model.status == PENDING)).all())
     return out
 
 
@@ -303,9 +303,9 @@ def judgment_inputs(session: Session, kind: str, ids: Sequence[int]) -> list[Jud
                 select(GroundTruth.query_id, GroundTruth.tile_id).where(
                     GroundTruth.query_id.in_(part), GroundTruth.relation == "positive"
                 )
-            ).tuples().all()
+            ).all()
         )
-    cand_set = dict(session.execute(select(Run.id, Run.candidate_set_id).where(Run.id.in_(run_ids))).tuples().all())
+    cand_set = dict(session.execute(select(Run.id, Run.candidate_set_id).where(Run.id.in_(run_ids))).all())
     ranks: dict[tuple[int, int, int], int] = {}
     for cs in set(cand_set.values()):
         for part in chunked(query_ids):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from db.engine import database_url, make_engine
 from db.models import Base
 

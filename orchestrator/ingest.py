@@ -33,7 +33,7 @@ def ensure_dataset(s: Session, root: Path) -> int:
 
 
 def name_to_id(s: Session, model: type[Tile] | type[Query], dataset_id: int) -> dict[str, int]:
-    return dict(s.execute(select(model.name, model.id).where(model.dataset_id == dataset_id)).tuples().all())
+    return dict(s.execute(select(model.name, model.id).where(model.dataset_id == dataset_id)).all())
 
 
 def ingest(s: Session, root: str | Path, data: VigorData) -> IngestSummary:

@@ -93,7 +93,7 @@ def create_run(s: Session, spec: RunSpec) -> int:
             select(Query.name, Query.id)
             .join(Candidate, Candidate.query_id == Query.id)
             .where(Candidate.candidate_set_id == cs.id, Candidate.rank == 1)
-        ).tuples().all()
+        ).all()
     )
     query_ids = sample_queries(names, spec.n_queries, spec.seed)
     judge_options = dict(spec.judge_options)

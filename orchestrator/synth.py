@@ -126,7 +126,6 @@ def write_synthetic_vigor(
     nrng = np.random.default_rng(seed)
     per_city = [n_queries // len(cities) + (1 if i < n_queries % len(cities) else 0) for i in range(len(cities))]
     stride_m = STRIDE_PIXELS * METRES_PER_PIXEL
-    all_rows: list[tuple[str, str, list[str], str]] = []  # (city, pano, candidate tiles..., positive)
     query_names: list[tuple[str, str, str, list[str]]] = []
     n_tiles = 0
     for city, n_city in zip(cities, per_city, strict=True):

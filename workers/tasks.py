@@ -21,7 +21,6 @@ from db.queries import (
     JudgmentInput,
     RunInfo,
     abandon,
-    attempts_of,
     claim,
     judgment_inputs,
     record_outcomes,

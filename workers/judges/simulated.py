@@ -16,6 +16,7 @@ set accuracy, and the same answer for the same seed, query and tiles every time,
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ class SimulatedJudge:
         for req in requests:
             if len(req.images) == 3:
                 first = self.p_first(req.context) >= 0.5
-                out.append('{"preference": "%d"}' % (1 if first else 2))
+                out.append(json.dumps({"preference": "1" if first else "2"}))
             elif req.context.get("step") == "reasoning":
                 out.append("Comparing road layout, building shapes and landmarks of the two views.")
             else:
