@@ -205,7 +205,9 @@ class PairwiseVerdict(_JudgmentColumns, Base):
     first_wins: Mapped[bool | None] = mapped_column(Boolean)
     p_first: Mapped[float | None] = mapped_column(Float)
     p_second: Mapped[float | None] = mapped_column(Float)
-    reused_from_id: Mapped[int | None] = mapped_column(ForeignKey("pairwise_verdicts.id", ondelete="SET NULL"))
+    reused_from_id: Mapped[int | None] = mapped_column(
+        ForeignKey("pairwise_verdicts.id", ondelete="SET NULL")
+    )
 
 
 class PointwiseScore(_JudgmentColumns, Base):

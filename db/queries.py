@@ -125,7 +125,9 @@ def open_queries(session: Session, run_id: int, query_ids: Iterable[int] | None 
 def finish_run_if_complete(session: Session, run_id: int) -> bool:
     """Mark the run done when every query has a ranking (guarded: once)."""
     left = session.scalar(
-        select(func.count()).select_from(RunQuery).where(RunQuery.run_id == run_id, RunQuery.done_at.is_(None))
+        select(func.count())
+        .select_from(RunQuery)
+        .where(RunQuery.run_id == run_id, RunQuery.done_at.is_(None))
     )
     if left:
         return False
@@ -139,7 +141,9 @@ def finish_run_if_complete(session: Session, run_id: int) -> bool:
 # candidates and outcomes (coordinator)
 
 
-def candidate_lists(session: Session, candidate_set_id: int, query_ids: Sequence[int], k: int) -> dict[int, list[int]]:
+def candidate_lists(
+    session: Session, candidate_set_id: int, query_ids: Sequence[int], k: int
+) -> dict[int, list[int]]:
     """Stage-1 top-k tile ids per query, best first."""
     out: dict[int, list[int]] = defaultdict(list)
     for part in chunked(list(query_ids)):
@@ -170,7 +174,9 @@ class StoredScore:
     score: float | None
 
 
-def pairwise_outcomes(session: Session, run_id: int, query_ids: Sequence[int]) -> dict[int, dict[tuple[int, int], StoredPair]]:
+def pairwise_outcomes(
+    session: Session, run_id: int, query_ids: Sequence[int]
+) -> dict[int, dict[tuple[int, int], StoredPair]]:
     out: dict[int, dict[tuple[int, int], StoredPair]] = defaultdict(dict)
     t = PairwiseVerdict
     for part in chunked(list(query_ids)):
@@ -184,7 +190,9 @@ def pairwise_outcomes(session: Session, run_id: int, query_ids: Sequence[int]) -
     return out
 
 
-def pointwise_outcomes(session: Session, run_id: int, query_ids: Sequence[int]) -> dict[int, dict[int, StoredScore]]:
+def pointwise_outcomes(
+    session: Session, run_id: int, query_ids: Sequence[int]
+) -> dict[int, dict[int, StoredScore]]:
     out: dict[int, dict[int, StoredScore]] = defaultdict(dict)
     t = PointwiseScore
     for part in chunked(list(query_ids)):
@@ -199,7 +207,11 @@ def pointwise_outcomes(session: Session, run_id: int, query_ids: Sequence[int]) 
 def add_pending(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]) -> list[int]:
     """Create pending judgment rows; returns the ids of the rows that did not exist yet."""
     model = JUDGMENT_MODELS[kind]
-    key = ["run_id", "query_id", "tile_first", "tile_second"] if kind == "pairwise" else ["run_id", "query_id", "tile_id"]
+    key = (
+        ["run_id", "query_id", "tile_first", "tile_second"]
+        if kind == "pairwise"
+        else ["run_id", "query_id", "tile_id"]
+    )
     return [r[0] for r in insert_ignore(session, model.__table__, rows, key=key, returning=["id"])]
 
 
@@ -262,7 +274,11 @@ def attempts_of(session: Session, kind: str, ids: Sequence[int]) -> dict[int, in
     model = JUDGMENT_MODELS[kind]
     out: dict[int, int] = {}
     for part in chunked(list(ids)):
-        out.update(session.execute(select(model.id, model.attempts).where(model.id.in_(part), model.status == PENDING)).all())
+        out.update(
+            session.execute(
+                select(model.id, model.attempts).where(model.id.in_(part), model.status == PENDING)
+            ).all()
+        )
     return out
 
 
@@ -283,7 +299,14 @@ def judgment_inputs(session: Session, kind: str, ids: Sequence[int]) -> list[Jud
     rows = []
     for part in chunked(list(ids)):
         if kind == "pairwise":
-            cols = (model.id, model.run_id, model.query_id, model.tile_first, model.tile_second, model.attempts)
+            cols = (
+                model.id,
+                model.run_id,
+                model.query_id,
+                model.tile_first,
+                model.tile_second,
+                model.attempts,
+            )
         else:
             cols = (model.id, model.run_id, model.query_id, model.tile_id, model.attempts)
         rows.extend(session.execute(select(*cols).where(model.id.in_(part), model.status == PENDING)).all())
@@ -293,9 +316,13 @@ def judgment_inputs(session: Session, kind: str, ids: Sequence[int]) -> list[Jud
     run_ids = sorted({r.run_id for r in rows})
     tile_ids = sorted({t for r in rows for t in (r[3:-1])})
     queries = {
-        q.id: q for part in chunked(query_ids) for q in session.scalars(select(Query).where(Query.id.in_(part)))
+        q.id: q
+        for part in chunked(query_ids)
+        for q in session.scalars(select(Query).where(Query.id.in_(part)))
     }
-    tiles = {t.id: t for part in chunked(tile_ids) for t in session.scalars(select(Tile).where(Tile.id.in_(part)))}
+    tiles = {
+        t.id: t for part in chunked(tile_ids) for t in session.scalars(select(Tile).where(Tile.id.in_(part)))
+    }
     positives: dict[int, int] = {}
     for part in chunked(query_ids):
         positives.update(
@@ -347,9 +374,14 @@ def record_outcomes(session: Session, kind: str, outcomes: Sequence[Mapping[str,
     if not outcomes:
         return 0
     model = JUDGMENT_MODELS[kind]
-    result_cols = (
-        ["first_wins", "p_first", "p_second"] if kind == "pairwise" else ["score", "probs"]
-    ) + ["status", "raw_output", "error", "latency_ms", "worker", "model_revision"]
+    result_cols = (["first_wins", "p_first", "p_second"] if kind == "pairwise" else ["score", "probs"]) + [
+        "status",
+        "raw_output",
+        "error",
+        "latency_ms",
+        "worker",
+        "model_revision",
+    ]
     stamp = now()
     params = [{"b_id": o["id"], **{c: o.get(c) for c in result_cols}, "finished_at": stamp} for o in outcomes]
     stmt = (

@@ -43,7 +43,9 @@ def read_candidates_csv(path: str | Path) -> dict[str, list[tuple[int, str, floa
         reader = csv.DictReader(fh)
         missing = {"query", "tile", "rank"} - set(reader.fieldnames or ())
         if missing:
-            raise CandidateFileError(f"{path}: header must have query,tile,rank[,score]; missing {sorted(missing)}")
+            raise CandidateFileError(
+                f"{path}: header must have query,tile,rank[,score]; missing {sorted(missing)}"
+            )
         for lineno, row in enumerate(reader, start=2):
             try:
                 rank = int(row["rank"])
@@ -64,7 +66,9 @@ def read_candidates_csv(path: str | Path) -> dict[str, list[tuple[int, str, floa
             raise CandidateFileError(f"{path}: query {q!r} lists a tile twice")
         ks.add(len(rows))
     if len(ks) != 1:
-        raise CandidateFileError(f"{path}: every query needs the same number of candidates, found {sorted(ks)}")
+        raise CandidateFileError(
+            f"{path}: every query needs the same number of candidates, found {sorted(ks)}"
+        )
     return dict(per_query)
 
 
@@ -122,9 +126,15 @@ def import_candidates(s: Session, path: str | Path, name: str, dataset: str | No
                 f"candidate set {name!r} already exists with other candidates; choose another --name"
             )
         return ImportSummary(existing.id, name, len(per_query), existing.k, created=False)
-    cs = CandidateSet(name=name, dataset_id=dataset_id, k=k, source="import", details={"file": str(Path(path).resolve())})
+    cs = CandidateSet(
+        name=name, dataset_id=dataset_id, k=k, source="import", details={"file": str(Path(path).resolve())}
+    )
     s.add(cs)
     s.flush()
-    insert_ignore(s, Candidate.__table__, [{**x, "candidate_set_id": cs.id} for x in rows],
-                  key=["candidate_set_id", "query_id", "rank"])
+    insert_ignore(
+        s,
+        Candidate.__table__,
+        [{**x, "candidate_set_id": cs.id} for x in rows],
+        key=["candidate_set_id", "query_id", "rank"],
+    )
     return ImportSummary(cs.id, name, len(per_query), k, created=True)

@@ -56,7 +56,9 @@ def strategy_for(info: RunInfo) -> Strategy:
     return get_strategy(info.strategy, **info.params.get("strategy_options", {}))
 
 
-def advance(run_id: int, query_ids: Iterable[int] | None = None, sessions: sessionmaker[Session] | None = None) -> Advance:
+def advance(
+    run_id: int, query_ids: Iterable[int] | None = None, sessions: sessionmaker[Session] | None = None
+) -> Advance:
     """Replay the run's unfinished queries (all, or those given); write rankings, enqueue needs."""
     sessions = sessions or session_factory()
     result = Advance()
@@ -81,7 +83,9 @@ def advance(run_id: int, query_ids: Iterable[int] | None = None, sessions: sessi
     return result
 
 
-def _replay_part(s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int]) -> tuple[int, list[int]]:
+def _replay_part(
+    s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int]
+) -> tuple[int, list[int]]:
     candidates = candidate_lists(s, info.candidate_set_id, query_ids, info.k)
     if strategy.kind == "pairwise":
         stored = pairwise_outcomes(s, info.id, query_ids)
@@ -94,9 +98,15 @@ def _replay_part(s: Session, info: RunInfo, strategy: Strategy, query_ids: Seque
         rows = stored.get(q, {})
         if strategy.kind == "pairwise":
             # A failed comparison counts as "first wins": the order shown (current order) is kept.
-            outcomes = {pair: (True if r.status == FAILED else r.first_wins) for pair, r in rows.items() if r.status != "pending"}
+            outcomes = {
+                pair: (True if r.status == FAILED else r.first_wins)
+                for pair, r in rows.items()
+                if r.status != "pending"
+            }
         else:
-            outcomes = {t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != "pending"}
+            outcomes = {
+                t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != "pending"
+            }
         step = strategy.replay(cands, outcomes)
         if isinstance(step, Done):
             orders[q] = step.order
@@ -105,7 +115,9 @@ def _replay_part(s: Session, info: RunInfo, strategy: Strategy, query_ids: Seque
             if item in rows:  # already pending: in flight, or reconciled later
                 continue
             if strategy.kind == "pairwise":
-                pending_rows.append({"run_id": info.id, "query_id": q, "tile_first": item[0], "tile_second": item[1]})
+                pending_rows.append(
+                    {"run_id": info.id, "query_id": q, "tile_first": item[0], "tile_second": item[1]}
+                )
             else:
                 pending_rows.append({"run_id": info.id, "query_id": q, "tile_id": item})
     if orders:

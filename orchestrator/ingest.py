@@ -44,8 +44,15 @@ def ingest(s: Session, root: str | Path, data: VigorData) -> IngestSummary:
         for t in data.tiles
     ]
     query_rows = [
-        {"dataset_id": dataset_id, "city": q.city, "name": q.name, "panoid": q.panoid, "path": q.path,
-         "lat": q.lat, "lon": q.lon}
+        {
+            "dataset_id": dataset_id,
+            "city": q.city,
+            "name": q.name,
+            "panoid": q.panoid,
+            "path": q.path,
+            "lat": q.lat,
+            "lon": q.lon,
+        }
         for q in data.queries
     ]
     new_tiles = insert_ignore(s, Tile.__table__, tile_rows, key=["dataset_id", "name"], returning=["id"])
@@ -53,12 +60,20 @@ def ingest(s: Session, root: str | Path, data: VigorData) -> IngestSummary:
     tiles = name_to_id(s, Tile, dataset_id)
     queries = name_to_id(s, Query, dataset_id)
     label_rows = [
-        {"query_id": queries[lb.query], "tile_id": tiles[lb.tile], "relation": lb.relation, "dy": lb.dy, "dx": lb.dx}
+        {
+            "query_id": queries[lb.query],
+            "tile_id": tiles[lb.tile],
+            "relation": lb.relation,
+            "dy": lb.dy,
+            "dx": lb.dx,
+        }
         for lb in data.labels
     ]
     new_labels = 0
     for part in chunked(label_rows, 5000):
-        new_labels += len(insert_ignore(s, GroundTruth.__table__, part, key=["query_id", "tile_id"], returning=["query_id"]))
+        new_labels += len(
+            insert_ignore(s, GroundTruth.__table__, part, key=["query_id", "tile_id"], returning=["query_id"])
+        )
     return IngestSummary(
         dataset_id=dataset_id,
         tiles=len(tile_rows),

@@ -94,10 +94,18 @@ def wait_for_run(
                 p = run_progress(s, run_id)
             assert p is not None
             if bar is None and progress_bar:
-                bar = tqdm(total=p.queries_total, desc=f"run {run_id}", unit="query", dynamic_ncols=True, mininterval=0.5)
+                bar = tqdm(
+                    total=p.queries_total,
+                    desc=f"run {run_id}",
+                    unit="query",
+                    dynamic_ncols=True,
+                    mininterval=0.5,
+                )
             if bar is not None:
                 bar.update(p.queries_done - bar.n)
-                bar.set_postfix(judged=p.judgments_done, pending=p.judgments_pending, failed=p.judgments_failed)
+                bar.set_postfix(
+                    judged=p.judgments_done, pending=p.judgments_pending, failed=p.judgments_failed
+                )
             if p.finished:
                 return p
             now = time.monotonic()
@@ -113,7 +121,9 @@ def wait_for_run(
                 stalls += 1
                 last_change = now
             if timeout is not None and now - start > timeout:
-                raise TimeoutError(f"run {run_id} not done after {timeout:.0f} s ({p.queries_done}/{p.queries_total} queries)")
+                raise TimeoutError(
+                    f"run {run_id} not done after {timeout:.0f} s ({p.queries_done}/{p.queries_total} queries)"
+                )
             time.sleep(poll)
     finally:
         if bar is not None:

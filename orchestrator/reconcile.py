@@ -26,7 +26,9 @@ class Reconciled:
     run_done: bool = False
 
 
-def reconcile(run_id: int, stale_after: float | None = 0.0, sessions: sessionmaker[Session] | None = None) -> Reconciled:
+def reconcile(
+    run_id: int, stale_after: float | None = 0.0, sessions: sessionmaker[Session] | None = None
+) -> Reconciled:
     """Re-enqueue the run's pending judgments enqueued more than ``stale_after`` seconds ago
     (None: all of them), then advance every open query."""
     sessions = sessions or session_factory()

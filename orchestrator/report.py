@@ -13,8 +13,16 @@ from sqlalchemy.orm import Session
 from db import reports
 from db.reports import RECALL_KS
 
-COLUMNS = ["run_id", "candidates", "strategy", "prompt", "judge", "model", "n_queries",
-           *[f"recall@{k}" for k in RECALL_KS]]
+COLUMNS = [
+    "run_id",
+    "candidates",
+    "strategy",
+    "prompt",
+    "judge",
+    "model",
+    "n_queries",
+    *[f"recall@{k}" for k in RECALL_KS],
+]
 
 
 class ReportError(ValueError):
@@ -37,17 +45,33 @@ def report_rows(s: Session, run_ids: Sequence[int] | None = None) -> list[dict[s
         rest = [c for c in reports.all_candidate_set_ids(s) if c not in covered]
         baseline += reports.candidate_set_recall(s, rest)
     for b in baseline:
-        rows.append({
-            "run_id": None, "candidates": b["name"], "strategy": "baseline", "prompt": None, "judge": None,
-            "model": None, "n_queries": b["n_queries"], **{f"recall@{k}": b[f"recall_at_{k}"] for k in RECALL_KS},
-        })
+        rows.append(
+            {
+                "run_id": None,
+                "candidates": b["name"],
+                "strategy": "baseline",
+                "prompt": None,
+                "judge": None,
+                "model": None,
+                "n_queries": b["n_queries"],
+                **{f"recall@{k}": b[f"recall_at_{k}"] for k in RECALL_KS},
+            }
+        )
     for r in reports.run_recall(s, ids):
-        rows.append({
-            "run_id": r["run_id"], "candidates": r["candidates"], "strategy": r["strategy"],
-            "prompt": r["prompt_name"], "judge": r["judge"], "model": r["model"], "n_queries": r["n_queries"],
-            **{f"recall@{k}": r[f"recall_at_{k}"] for k in RECALL_KS},
-            "status": r["status"], "n_planned": r["n_planned"],
-        })
+        rows.append(
+            {
+                "run_id": r["run_id"],
+                "candidates": r["candidates"],
+                "strategy": r["strategy"],
+                "prompt": r["prompt_name"],
+                "judge": r["judge"],
+                "model": r["model"],
+                "n_queries": r["n_queries"],
+                **{f"recall@{k}": r[f"recall_at_{k}"] for k in RECALL_KS},
+                "status": r["status"],
+                "n_planned": r["n_planned"],
+            }
+        )
     return rows
 
 
@@ -83,12 +107,24 @@ def _table(rows: list[dict[str, Any]]) -> str:
         queries = str(r["n_queries"])
         if r.get("n_planned") and r["n_planned"] != r["n_queries"]:
             queries += f"/{r['n_planned']}"
-        body.append([_cell(r["run_id"]), r["candidates"], method, _cell(r["judge"]), _cell(r["model"]), queries,
-                     *[_cell(r[f"recall@{k}"]) for k in RECALL_KS]])
+        body.append(
+            [
+                _cell(r["run_id"]),
+                r["candidates"],
+                method,
+                _cell(r["judge"]),
+                _cell(r["model"]),
+                queries,
+                *[_cell(r[f"recall@{k}"]) for k in RECALL_KS],
+            ]
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
     numeric = set(range(5, len(headers)))
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(b) for b in body)])

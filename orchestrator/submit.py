@@ -54,7 +54,10 @@ def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
     if not sets:
         raise SubmitError("no candidate set stored; run `orchestrator import-candidates` first")
     if len(sets) > 1:
-        raise SubmitError("several candidate sets are stored; choose one with --candidates: " + ", ".join(c.name for c in sets))
+        raise SubmitError(
+            "several candidate sets are stored; choose one with --candidates: "
+            + ", ".join(c.name for c in sets)
+        )
     return sets[0]
 
 
@@ -118,5 +121,10 @@ def create_run(s: Session, spec: RunSpec) -> int:
     )
     s.add(run)
     s.flush()
-    insert_ignore(s, RunQuery.__table__, [{"run_id": run.id, "query_id": q} for q in query_ids], key=["run_id", "query_id"])
+    insert_ignore(
+        s,
+        RunQuery.__table__,
+        [{"run_id": run.id, "query_id": q} for q in query_ids],
+        key=["run_id", "query_id"],
+    )
     return run.id

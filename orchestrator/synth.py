@@ -124,7 +124,9 @@ def write_synthetic_vigor(
     root = Path(root)
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    per_city = [n_queries // len(cities) + (1 if i < n_queries % len(cities) else 0) for i in range(len(cities))]
+    per_city = [
+        n_queries // len(cities) + (1 if i < n_queries % len(cities) else 0) for i in range(len(cities))
+    ]
     stride_m = STRIDE_PIXELS * METRES_PER_PIXEL
     query_names: list[tuple[str, str, str, list[str]]] = []
     n_tiles = 0
@@ -151,7 +153,9 @@ def write_synthetic_vigor(
                 palettes[name] = img[image_size // 2, image_size // 2]
                 Image.fromarray(img).save(root / city / "satellite" / name)
         n_tiles += len(grid)
-        (split_dir / "satellite_list.txt").write_text("".join(f"{grid[(i, j)]}\n" for i in range(side) for j in range(side)))
+        (split_dir / "satellite_list.txt").write_text(
+            "".join(f"{grid[(i, j)]}\n" for i in range(side) for j in range(side))
+        )
 
         label_lines: list[str] = []
         for _ in range(n_city):
@@ -181,8 +185,12 @@ def write_synthetic_vigor(
             query_names.append((city, pano, covering[0], [grid[c] for c in others[: k + 5]]))
         (split_dir / "pano_label_balanced.txt").write_text("".join(f"{ln}\n" for ln in label_lines))
         half = len(label_lines) // 2
-        (split_dir / "same_area_balanced_test.txt").write_text("".join(f"{ln}\n" for ln in label_lines[:half]))
-        (split_dir / "same_area_balanced_train.txt").write_text("".join(f"{ln}\n" for ln in label_lines[half:]))
+        (split_dir / "same_area_balanced_test.txt").write_text(
+            "".join(f"{ln}\n" for ln in label_lines[:half])
+        )
+        (split_dir / "same_area_balanced_train.txt").write_text(
+            "".join(f"{ln}\n" for ln in label_lines[half:])
+        )
 
     ranks = positive_ranks(len(query_names), k, rng)
     out = root / "candidates.csv"

@@ -96,7 +96,9 @@ def parse_label_line(line: str, where: str) -> tuple[str, list[tuple[str, float,
     """Split one label line into the panorama name and four (tile, dy, dx) triples."""
     fields = line.rstrip("\r\n").split(" ")
     if len(fields) != 13 or any(not f for f in fields):
-        raise VigorFormatError(f"{where}: expected 13 space-separated fields, got {len([f for f in fields if f])}")
+        raise VigorFormatError(
+            f"{where}: expected 13 space-separated fields, got {len([f for f in fields if f])}"
+        )
     triples = []
     for i in (1, 4, 7, 10):
         try:

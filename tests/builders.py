@@ -10,7 +10,9 @@ from orchestrator.synth import write_synthetic_vigor
 from orchestrator.vigor import read_vigor
 
 
-def synthetic_dataset(root: Path, n_queries: int = 40, k: int = 20, seed: int = 0, image_size: int = 32) -> Path:
+def synthetic_dataset(
+    root: Path, n_queries: int = 40, k: int = 20, seed: int = 0, image_size: int = 32
+) -> Path:
     write_synthetic_vigor(root, n_queries, k=k, seed=seed, image_size=image_size)
     return root
 

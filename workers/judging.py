@@ -47,8 +47,14 @@ class Outcome:
     result: dict[str, Any] = field(default_factory=dict)  # table-specific columns
 
     def row(self) -> dict[str, Any]:
-        return {"id": self.id, "status": self.status, "raw_output": self.raw_output,
-                "error": self.error, "latency_ms": self.latency_ms, **self.result}
+        return {
+            "id": self.id,
+            "status": self.status,
+            "raw_output": self.raw_output,
+            "error": self.error,
+            "latency_ms": self.latency_ms,
+            **self.result,
+        }
 
 
 def failed(item_id: int, error: str) -> Outcome:
@@ -84,7 +90,9 @@ def run_batch(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outco
         try:
             done = procedure(judge, prompt, ready)
         except Exception as exc:  # isolate the bad request: retry one at a time
-            log.warning("batch of %d failed (%s: %s); retrying one at a time", len(ready), type(exc).__name__, exc)
+            log.warning(
+                "batch of %d failed (%s: %s); retrying one at a time", len(ready), type(exc).__name__, exc
+            )
             done = []
             for it in ready:
                 t1 = time.perf_counter()
@@ -114,12 +122,19 @@ def _read_choices(prompt: Prompt, item_id: int, probs: dict[str, float], raw_pre
     if prompt.spec.kind == "pairwise":
         p1, p2 = scoring.pairwise_preference(probs)
         # Ties keep the order shown (the first tile), as the paper's code keeps the incumbent.
-        return Outcome(item_id, DONE, raw_output=raw, result={"first_wins": p1 >= p2, "p_first": p1, "p_second": p2})
+        return Outcome(
+            item_id, DONE, raw_output=raw, result={"first_wins": p1 >= p2, "p_first": p1, "p_second": p2}
+        )
     if prompt.spec.choices == ("Yes", "No"):
         score = scoring.p_yes(probs)
     else:
         score = scoring.likert_expectation(probs)
-    return Outcome(item_id, DONE, raw_output=raw, result={"score": score, "probs": scoring.normalize(probs, prompt.spec.choices)})
+    return Outcome(
+        item_id,
+        DONE,
+        raw_output=raw,
+        result={"score": score, "probs": scoring.normalize(probs, prompt.spec.choices)},
+    )
 
 
 def _ask_direct(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
@@ -139,7 +154,11 @@ def _ask_reason(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Out
     first = [replace(it.request, context={**it.request.context, "step": "reasoning"}) for it in items]
     reasoning = judge.generate(first, REASONING_MAX_NEW_TOKENS)
     second = [
-        replace(it.request, answer_prefix=text.strip() + REASONING_ANSWER_CUE, context={**it.request.context, "step": "answer"})
+        replace(
+            it.request,
+            answer_prefix=text.strip() + REASONING_ANSWER_CUE,
+            context={**it.request.context, "step": "answer"},
+        )
         for it, text in zip(items, reasoning, strict=True)
     ]
     probs = judge.choice_probs(second, prompt.spec.choices)

@@ -85,7 +85,9 @@ def load_prompt(name: str) -> Prompt:
     expected = PAIRWISE_SLOTS if spec.kind == "pairwise" else POINTWISE_SLOTS
     found = tuple(m.group(1) for m in PLACEHOLDER.finditer(text))
     if found != expected:
-        raise ValueError(f"prompt {name!r} must hold the image placeholders {expected} in order, found {found}")
+        raise ValueError(
+            f"prompt {name!r} must hold the image placeholders {expected} in order, found {found}"
+        )
     return Prompt(spec, text)
 
 

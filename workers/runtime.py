@@ -28,7 +28,9 @@ def _key(name: str, model: str, revision: str | None, options: Mapping[str, Any]
     return json.dumps([name, model, revision, dict(options)], sort_keys=True, default=str)
 
 
-def get_judge(name: str, model: str, revision: str | None = None, options: Mapping[str, Any] | None = None) -> Judge:
+def get_judge(
+    name: str, model: str, revision: str | None = None, options: Mapping[str, Any] | None = None
+) -> Judge:
     """The judge for a run, loading it on first use (and unloading another real model)."""
     options = dict(options or {})
     key = _key(name, model, revision, options)

@@ -43,7 +43,9 @@ _DB_ERRORS = (OperationalError, InterfaceError)
 def validate_ids(ids: object) -> list[int]:
     """A task payload must be a non-empty list of positive integer row ids."""
     if not isinstance(ids, list) or not ids or not all(type(i) is int and i > 0 for i in ids):
-        raise Reject(f"malformed judgment task payload: expected a list of row ids, got {ids!r:.200}", requeue=False)
+        raise Reject(
+            f"malformed judgment task payload: expected a list of row ids, got {ids!r:.200}", requeue=False
+        )
     return ids
 
 
@@ -91,8 +93,19 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
         live = [i for i in group if i.attempts < info.max_attempts]
         if spent:
             with sessions.begin() as s:
-                abandon(s, kind, spent, f"gave up after {info.max_attempts} attempts: the worker died while judging it")
-            log.error("abandoned %d %s judgments of run %d after %d attempts", len(spent), kind, run_id, info.max_attempts)
+                abandon(
+                    s,
+                    kind,
+                    spent,
+                    f"gave up after {info.max_attempts} attempts: the worker died while judging it",
+                )
+            log.error(
+                "abandoned %d %s judgments of run %d after %d attempts",
+                len(spent),
+                kind,
+                run_id,
+                info.max_attempts,
+            )
         if any(i.attempts > 0 for i in live):
             # A redelivery after a crash: judge one at a time so a poison item spends only its own attempts.
             for inp in live:
@@ -114,7 +127,10 @@ def _judge_and_store(sessions, kind: str, info: RunInfo, inputs: list[JudgmentIn
         revision = judge.revision
     except Exception as exc:  # a model that cannot load is a recorded failure, not a silent stall
         log.exception("cannot load judge %s %s", info.judge, info.model)
-        outcomes = [failed(i, f"cannot load judge {info.judge} {info.model}: {type(exc).__name__}: {exc}") for i in ids]
+        outcomes = [
+            failed(i, f"cannot load judge {info.judge} {info.model}: {type(exc).__name__}: {exc}")
+            for i in ids
+        ]
     else:
         items, outcomes = [], []
         for inp in inputs:

@@ -17,7 +17,9 @@ class MergeSort:
     name = "mergesort"
     kind = "pairwise"
 
-    def replay(self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], bool]) -> Done | Need:
+    def replay(
+        self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], bool]
+    ) -> Done | Need:
         """Args:
             candidates: items in stage-1 order (best first), distinct.
             outcomes: (shown first, shown second) -> True when the first-shown item is better.

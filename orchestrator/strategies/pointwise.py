@@ -15,7 +15,9 @@ class Pointwise:
     name = "pointwise"
     kind = "pointwise"
 
-    def replay(self, candidates: Sequence[Hashable], outcomes: Mapping[Hashable, float | None]) -> Done | Need:
+    def replay(
+        self, candidates: Sequence[Hashable], outcomes: Mapping[Hashable, float | None]
+    ) -> Done | Need:
         missing = tuple(c for c in candidates if c not in outcomes)
         if missing:
             return Need(missing)

@@ -59,7 +59,9 @@ def pg_server(tmp_path_factory) -> Iterator[PostgresServer | None]:
 @pytest.fixture(scope="session")
 def pg_admin_url(pg_server) -> str:
     url = os.environ.get("CVGL_TEST_DATABASE_URL") or pg_server.admin_url
-    return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+    return (
+        url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+    )
 
 
 @pytest.fixture
@@ -112,12 +114,22 @@ def stack_env(pg_url, clean_redis, tmp_path) -> dict[str, str]:
     return env
 
 
-def cli(env: dict[str, str], *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(
+    env: dict[str, str], *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run ``python -m orchestrator ARGS`` as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"orchestrator {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -137,10 +149,31 @@ class CeleryWorker:
         assert self.log is not None
         self._fh = self.log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", self.app, "worker", "-P", "prefork", "-c", "1",
-             "-Q", ",".join(self.queues), "-n", f"{self.name}@%h", "--loglevel", "INFO", "--without-gossip",
-             "--without-mingle", *self.extra],
-            env=self.env, cwd=REPO, stdout=self._fh, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                self.app,
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "1",
+                "-Q",
+                ",".join(self.queues),
+                "-n",
+                f"{self.name}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                *self.extra,
+            ],
+            env=self.env,
+            cwd=REPO,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

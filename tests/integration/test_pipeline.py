@@ -35,16 +35,39 @@ def test_pairwise_and_pointwise_runs_through_workers(stack_env, dataset, pg_url,
     workers(["vlm.simulated"], "vlm-simulated", app="workers.app")
     workers(["coordination"], "coordinator")
 
-    pair = int(cli(stack_env, "submit", "--strategy", "pairwise", "--accuracy", "1.0", "--wait").stdout.split()[-1])
-    point = int(cli(stack_env, "submit", "--strategy", "pointwise", "--prompt", "likert", "--accuracy", "0.8",
-                    "--wait").stdout.split()[-1])
+    pair = int(
+        cli(stack_env, "submit", "--strategy", "pairwise", "--accuracy", "1.0", "--wait").stdout.split()[-1]
+    )
+    point = int(
+        cli(
+            stack_env,
+            "submit",
+            "--strategy",
+            "pointwise",
+            "--prompt",
+            "likert",
+            "--accuracy",
+            "0.8",
+            "--wait",
+        ).stdout.split()[-1]
+    )
     rows = json.loads(cli(stack_env, "report", "--format", "json").stdout)
 
     by_strategy = {r["strategy"]: r for r in rows}
     assert set(by_strategy) == {"baseline", "pairwise", "pointwise"}
     for r in rows:
-        assert {"run_id", "strategy", "prompt", "judge", "model", "n_queries",
-                "recall@1", "recall@3", "recall@5", "recall@10"} <= set(r)
+        assert {
+            "run_id",
+            "strategy",
+            "prompt",
+            "judge",
+            "model",
+            "n_queries",
+            "recall@1",
+            "recall@3",
+            "recall@5",
+            "recall@10",
+        } <= set(r)
         assert r["n_queries"] == 40
 
     # Independent evaluator: orders and positives read from the files and the rankings table.
@@ -55,12 +78,17 @@ def test_pairwise_and_pointwise_runs_through_workers(stack_env, dataset, pg_url,
         ranked: dict[int, dict[str, list[str]]] = {pair: {}, point: {}}
         for run_id, qname, tname in c.execute(
             select(Ranking.run_id, Query.name, Tile.name)
-            .join(Query, Query.id == Ranking.query_id).join(Tile, Tile.id == Ranking.tile_id)
+            .join(Query, Query.id == Ranking.query_id)
+            .join(Tile, Tile.id == Ranking.tile_id)
             .order_by(Ranking.run_id, Ranking.query_id, Ranking.rank)
         ):
             ranked[run_id].setdefault(qname, []).append(tname)
-        verdicts = c.execute(select(PairwiseVerdict.status, func.count()).group_by(PairwiseVerdict.status)).all()
-        scores = c.scalar(select(func.count()).select_from(PointwiseScore).where(PointwiseScore.status == "done"))
+        verdicts = c.execute(
+            select(PairwiseVerdict.status, func.count()).group_by(PairwiseVerdict.status)
+        ).all()
+        scores = c.scalar(
+            select(func.count()).select_from(PointwiseScore).where(PointwiseScore.status == "done")
+        )
         # The documented psql query gives the same numbers as the report.
         view = {r.run_id: r for r in c.execute(text("SELECT * FROM run_recall"))}
     engine.dispose()
@@ -68,7 +96,9 @@ def test_pairwise_and_pointwise_runs_through_workers(stack_env, dataset, pg_url,
     for k in (1, 3, 5, 10):
         assert by_strategy["baseline"][f"recall@{k}"] == pytest.approx(recall_at(stage1, positives, k))
         assert by_strategy["pairwise"][f"recall@{k}"] == pytest.approx(recall_at(ranked[pair], positives, k))
-        assert by_strategy["pointwise"][f"recall@{k}"] == pytest.approx(recall_at(ranked[point], positives, k))
+        assert by_strategy["pointwise"][f"recall@{k}"] == pytest.approx(
+            recall_at(ranked[point], positives, k)
+        )
         assert view[pair]._mapping[f"recall_at_{k}"] == pytest.approx(by_strategy["pairwise"][f"recall@{k}"])
     # A perfect judge puts the positive first whenever stage 1 retrieved it (R@20 of the data).
     assert by_strategy["pairwise"]["recall@1"] == pytest.approx(recall_at(stage1, positives, 20))

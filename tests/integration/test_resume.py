@@ -31,7 +31,9 @@ def _rankings(engine, run_id: int) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     with engine.connect() as c:
         for q, t in c.execute(
-            select(Ranking.query_id, Ranking.tile_id).where(Ranking.run_id == run_id).order_by(Ranking.query_id, Ranking.rank)
+            select(Ranking.query_id, Ranking.tile_id)
+            .where(Ranking.run_id == run_id)
+            .order_by(Ranking.query_id, Ranking.rank)
         ):
             out.setdefault(q, []).append(t)
     return out
@@ -41,9 +43,9 @@ def _verdict_keys(engine, run_id: int) -> list[tuple[int, int, int]]:
     with engine.connect() as c:
         return sorted(
             c.execute(
-                select(PairwiseVerdict.query_id, PairwiseVerdict.tile_first, PairwiseVerdict.tile_second).where(
-                    PairwiseVerdict.run_id == run_id
-                )
+                select(
+                    PairwiseVerdict.query_id, PairwiseVerdict.tile_first, PairwiseVerdict.tile_second
+                ).where(PairwiseVerdict.run_id == run_id)
             ).all()
         )
 
@@ -56,21 +58,39 @@ def test_run_survives_worker_and_coordinator_kills(stack_env, dataset, pg_url, w
     coordinator = workers(["coordination"], "coordinator")
 
     # The orchestrator waits on the run in the foreground, as a user's terminal would.
-    orchestrator = subprocess.Popen([sys.executable, "-m", "orchestrator", *SUBMIT, "--latency-ms", "8", "--wait"],
-                                    env=stack_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *SUBMIT, "--latency-ms", "8", "--wait"],
+        env=stack_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     with engine.connect() as c:
         _wait(lambda: c.scalar(select(func.max(Run.id))) is not None, 30, "run not created")
         run_id = c.scalar(select(func.max(Run.id)))
 
     def count(status: str) -> int:
         with engine.connect() as c:
-            return c.scalar(select(func.count()).select_from(PairwiseVerdict).where(
-                PairwiseVerdict.run_id == run_id, PairwiseVerdict.status == status))
+            return c.scalar(
+                select(func.count())
+                .select_from(PairwiseVerdict)
+                .where(PairwiseVerdict.run_id == run_id, PairwiseVerdict.status == status)
+            )
 
     def claimed_in_flight() -> bool:  # a batch is being judged: claimed (attempts counted), not stored
         with engine.connect() as c:
-            return bool(c.scalar(select(func.count()).select_from(PairwiseVerdict).where(
-                PairwiseVerdict.run_id == run_id, PairwiseVerdict.status == "pending", PairwiseVerdict.attempts >= 1)))
+            return bool(
+                c.scalar(
+                    select(func.count())
+                    .select_from(PairwiseVerdict)
+                    .where(
+                        PairwiseVerdict.run_id == run_id,
+                        PairwiseVerdict.status == "pending",
+                        PairwiseVerdict.attempts >= 1,
+                    )
+                )
+            )
 
     _wait(lambda: count("done") >= 150 and claimed_in_flight(), 120, "no batch in flight")
     judge_worker.kill_child()  # SIGKILL in the middle of a batch; the parent forks a new child
@@ -86,7 +106,9 @@ def test_run_survives_worker_and_coordinator_kills(stack_env, dataset, pg_url, w
 
     with engine.connect() as c:
         assert c.scalar(select(Run.status).where(Run.id == run_id)) == "done"
-        assert c.scalar(select(func.max(PairwiseVerdict.attempts)).where(PairwiseVerdict.run_id == run_id)) >= 2
+        assert (
+            c.scalar(select(func.max(PairwiseVerdict.attempts)).where(PairwiseVerdict.run_id == run_id)) >= 2
+        )
     assert count("pending") == 0 and count("failed") == 0
     assert count("done") > done_at_kill
 

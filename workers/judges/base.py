@@ -43,6 +43,8 @@ class Judge(Protocol):
     model: str  # hub id or folder
     revision: str  # stored with every judgment
 
-    def choice_probs(self, requests: Sequence[JudgeRequest], choices: Sequence[str]) -> list[dict[str, float]]: ...
+    def choice_probs(
+        self, requests: Sequence[JudgeRequest], choices: Sequence[str]
+    ) -> list[dict[str, float]]: ...
 
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]: ...

@@ -59,7 +59,9 @@ class SimulatedJudge:
 
     # -- Judge protocol -------------------------------------------------------------------------
 
-    def choice_probs(self, requests: Sequence[JudgeRequest], choices: Sequence[str]) -> list[dict[str, float]]:
+    def choice_probs(
+        self, requests: Sequence[JudgeRequest], choices: Sequence[str]
+    ) -> list[dict[str, float]]:
         self._pretend_to_work(len(requests))
         out = []
         for req in requests:
