@@ -226,3 +226,103 @@ class PointwiseScore(_JudgmentColumns, Base):
     score: Mapped[float | None] = mapped_column(Float)
     probs: Mapped[dict | None] = mapped_column(JSON)
     reused_from_id: Mapped[int | None] = mapped_column(ForeignKey("pointwise_scores.id", ondelete="SET NULL"))
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: retrieval runs (migration 0003)
+
+# Retrieval run and shard states; a shard is 'done' once its embedding file is stored, and is
+# never recomputed after that.
+RETRIEVAL_RUNNING, RETRIEVAL_DONE, RETRIEVAL_FAILED = "running", "done", "failed"
+
+
+class RetrievalRun(Base):
+    """A stage-1 retrieval job: embed every tile and query of a dataset, then store the top-K."""
+
+    __tablename__ = "retrieval_runs"
+    __table_args__ = (CheckConstraint("status IN ('running', 'done', 'failed')", name="status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # also the candidate set's name
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(Text)  # timm model name
+    checkpoint: Mapped[str | None] = mapped_column(Text)  # absolute path; NULL with random_init
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    random_init: Mapped[bool] = mapped_column(Boolean)
+    seed: Mapped[int] = mapped_column(Integer)  # initialises the weights when random_init
+    img_size: Mapped[int] = mapped_column(Integer)  # satellite side; panoramas are img_size x 2*img_size
+    k: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    shard_size: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    n_tiles: Mapped[int] = mapped_column(Integer)
+    n_queries: Mapped[int] = mapped_column(Integer)
+    embeddings_dir: Mapped[str] = mapped_column(Text)  # absolute; shared by every retrieval worker
+    embed_dim: Mapped[int | None] = mapped_column(Integer)
+    n_gallery: Mapped[int | None] = mapped_column(Integer)  # tiles with an embedding, set by the top-K job
+    candidate_set_id: Mapped[int | None] = mapped_column(ForeignKey("candidate_sets.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16), default=RETRIEVAL_RUNNING, server_default=RETRIEVAL_RUNNING)
+    error: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # normalisation, devices, timings
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EmbeddingShard(Base):
+    """A slice of a retrieval run's tiles or queries, embedded by one task into one float16 .npy file."""
+
+    __tablename__ = "embedding_shards"
+    __table_args__ = (
+        UniqueConstraint("retrieval_run_id", "kind", "shard_index"),
+        CheckConstraint("kind IN ('tile', 'query')", name="kind"),
+        CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
+        Index("ix_embedding_shards_run_status", "retrieval_run_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    retrieval_run_id: Mapped[int] = mapped_column(ForeignKey("retrieval_runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))
+    shard_index: Mapped[int] = mapped_column(Integer)
+    item_ids: Mapped[list] = mapped_column(JSON)  # tile or query ids, in the file's row order
+    n_items: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, server_default=PENDING)
+    file: Mapped[str | None] = mapped_column(String(255))  # relative to the run's embeddings_dir
+    n_embedded: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SkippedImage(Base):
+    """An image a retrieval run skipped (missing, corrupt, or in a shard that kept killing its worker)."""
+
+    __tablename__ = "skipped_images"
+    __table_args__ = (CheckConstraint("kind IN ('tile', 'query')", name="kind"),)
+    retrieval_run_id: Mapped[int] = mapped_column(
+        ForeignKey("retrieval_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    item_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # tiles.id or queries.id
+    path: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+
+
+class RetrievalQueryRank(Base):
+    """Where a query's positive falls in the whole gallery (for R@k, R@1% and hit rate by SQL).
+
+    ``positive_rank`` counts gallery tiles scoring strictly above the positive (Sample4Geo's
+    ``(sim > gt_sim).sum()``, ties favour the positive); ``hit_rank`` counts the same with the
+    semi-positives left out. Both are NULL when the positive has no embedding: a miss.
+    """
+
+    __tablename__ = "retrieval_query_ranks"
+    retrieval_run_id: Mapped[int] = mapped_column(
+        ForeignKey("retrieval_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"), primary_key=True)
+    positive_rank: Mapped[int | None] = mapped_column(Integer)
+    hit_rank: Mapped[int | None] = mapped_column(Integer)
+    positive_score: Mapped[float | None] = mapped_column(Float)

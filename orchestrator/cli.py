@@ -1,4 +1,4 @@
-"""The ``orchestrator`` command: synth, ingest, import candidates, submit, status, resume, report, demo.
+"""The ``orchestrator`` command: synth, ingest, import candidates, submit, status, resume, report, figures, demo.
 
 One short function per command; domain errors become one-line ``click.ClickException``s (exit 1).
 ``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` select PostgreSQL and Redis; unset, the command runs
@@ -28,13 +28,22 @@ from orchestrator.coordinator import UnknownRun, advance
 from orchestrator.ingest import ingest as ingest_records
 from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_for_run
 from orchestrator.reconcile import reconcile
-from orchestrator.report import ReportError, format_rows, report_rows
+from orchestrator.report import (
+    FORMATS,
+    ReportError,
+    build_report,
+    format_rows,
+    prepare_out_dir,
+    report_rows,
+    write_report_files,
+)
 from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
 from workers.app import is_embedded
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
+from workers.queues import COORDINATION_QUEUE, model_slug, queue_for
 
 log = logging.getLogger("orchestrator")
 
@@ -183,6 +192,111 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
 
 
 @cli.command()
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Sample4Geo checkpoint (its model.state_dict(): model.<timm name> keys plus logit_scale).",
+)
+@click.option(
+    "--random-init",
+    is_flag=True,
+    help="No checkpoint: untrained weights seeded by --seed; the run is marked as such.",
+)
+@click.option(
+    "--model",
+    default="convnext_base.fb_in22k_ft_in1k_384",
+    show_default=True,
+    help="timm model name (num_classes=0; one encoder for both views).",
+)
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Candidates per query.")
+@click.option("--name", required=True, help="Name of the retrieval run and of the candidate set it writes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Images per task and file."
+)
+@click.option(
+    "--img-size",
+    type=click.IntRange(min=32),
+    default=384,
+    show_default=True,
+    help="Tile side in pixels; panoramas are S x 2S (Sample4Geo's VIGOR setting: 384).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the --random-init weights.")
+@click.option("--dataset", default=None, help="Dataset root or name (default: the only one ingested).")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the shards until the top-K is stored.")
+@user_errors
+def retrieve(
+    checkpoint: Path | None,
+    random_init: bool,
+    model: str,
+    k: int,
+    name: str,
+    batch_size: int,
+    shard_size: int,
+    img_size: int,
+    seed: int,
+    dataset: str | None,
+    max_attempts: int,
+    wait: bool,
+) -> None:
+    """Stage 1: embed the gallery and the queries on the `retrieval` queue, store the top-K per query.
+
+    Retrieval workers (`celery -A workers.app worker -Q retrieval`) embed shards of images into
+    float16 files under CVGL_EMBEDDINGS_DIR; the last one computes the top-K, stored as candidate
+    set NAME. Running the same command again resumes: shards already stored are not recomputed.
+    """
+    from orchestrator import retrieve as stage1
+
+    spec = stage1.RetrieveSpec(
+        name=name,
+        checkpoint=checkpoint,
+        random_init=random_init,
+        model=model,
+        k=k,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        img_size=img_size,
+        seed=seed,
+        dataset=dataset,
+        max_attempts=max_attempts,
+    )
+    sf = sessions()
+    with sf.begin() as s:
+        prepared = stage1.create_or_resume(s, spec)
+    if random_init:
+        click.echo(f"warning: --random-init: {name!r} embeds with untrained weights (seed {seed})", err=True)
+    if not prepared.created and prepared.status != "done":
+        click.echo(f"resuming retrieval run {name!r} (id {prepared.run_id}): stored shards are kept", err=True)
+    try:
+        if prepared.status == "done":
+            pass
+        elif is_embedded():
+            from orchestrator.embedded import embedded_worker
+
+            with embedded_worker([stage1.RETRIEVAL_QUEUE]):
+                stage1.enqueue(sf, prepared.run_id)
+                stage1.wait_for_retrieval(sf, prepared.run_id)
+        else:
+            sent = stage1.enqueue(sf, prepared.run_id)
+            if not wait:
+                click.echo(f"retrieval run {name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`")
+                return
+            stage1.wait_for_retrieval(
+                sf,
+                prepared.run_id,
+                on_stall=lambda: stage1.enqueue(sf, prepared.run_id, only_unstarted=True),
+                stall_seconds=_stall_seconds(),
+            )
+    except stage1.RetrievalFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    with sf() as s:
+        lines = stage1.describe(stage1.retrieval_progress(s, prepared.run_id), stage1.run_summary(s, prepared.run_id))
+    click.echo("\n".join(lines))
+
+
+@cli.command()
 @click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default="pairwise", show_default=True)
 @click.option(
     "--prompt",
@@ -193,6 +307,13 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
 @click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}.")
 @click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's).")
 @click.option("--revision", default=None, help="Model revision (commit, tag or branch).")
+@click.option(
+    "--decode",
+    type=click.Choice(["choices", "generate"]),
+    default="choices",
+    show_default=True,
+    help="Pairwise answers: choices = P('1') vs P('2') in one forward pass; generate = decode and parse the JSON (the paper's way).",
+)
 @click.option(
     "--accuracy",
     type=click.FloatRange(0, 1),
@@ -206,7 +327,42 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
     help="Simulated judge: mass moved to the first tile.",
 )
 @click.option(
+    "--noise",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Simulated judge: share of answers drawn at random per order shown (non-transitive).",
+)
+@click.option(
     "--latency-ms", type=click.FloatRange(min=0), default=None, help="Simulated judge: time per judgment."
+)
+@click.option(
+    "--poison",
+    multiple=True,
+    help="Simulated judge, fault injection: a judgment ('QUERY|TILE' or 'QUERY|FIRST|SECOND', file names) "
+    "that kills the worker process asking it. Repeatable. Only with separate worker processes.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=None,
+    help="selection / tournament: how many places to rank exactly (default 3 / 5); the rest keep stage-1 order.",
+)
+@click.option(
+    "--both-orders",
+    is_flag=True,
+    help="Pairwise strategies: ask every comparison in both orders and combine them (cancels position bias).",
+)
+@click.option(
+    "--aggregate",
+    type=click.Choice(["copeland", "bradley-terry"]),
+    default=None,
+    help="allpairs: Copeland wins (default) or a Bradley-Terry fit to the probabilities.",
+)
+@click.option(
+    "--reuse/--no-reuse",
+    default=True,
+    show_default=True,
+    help="Copy verdicts earlier runs stored for the same judge, model, revision, prompt and options.",
 )
 @click.option("--candidates", default=None, help="Candidate set name (default: the only one).")
 @click.option(
@@ -235,9 +391,16 @@ def submit(
     judge: str,
     model: str | None,
     revision: str | None,
+    decode: str,
     accuracy: float | None,
     position_bias: float | None,
+    noise: float | None,
     latency_ms: float | None,
+    poison: tuple[str, ...],
+    top: int | None,
+    both_orders: bool,
+    aggregate: str | None,
+    reuse: bool,
     candidates: str | None,
     n_queries: int,
     all_queries: bool,
@@ -251,17 +414,34 @@ def submit(
     """Create a rerank run and enqueue its judgments; prints the run id."""
     options = {
         name: v
-        for name, v in (("accuracy", accuracy), ("position_bias", position_bias), ("latency_ms", latency_ms))
+        for name, v in (
+            ("accuracy", accuracy),
+            ("position_bias", position_bias),
+            ("noise", noise),
+            ("latency_ms", latency_ms),
+        )
         if v is not None
     }
+    if poison:
+        if is_embedded():
+            raise click.UsageError("--poison kills the process that asks the judgment: use separate workers")
+        options["poison"] = list(poison)
     if options and judge != "simulated":
-        raise click.UsageError("--accuracy, --position-bias and --latency-ms apply to --judge simulated only")
+        raise click.UsageError(
+            "--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only"
+        )
+    strategy_options: dict[str, Any] = {
+        name: v for name, v in (("top", top), ("aggregate", aggregate)) if v is not None
+    }
+    if both_orders:
+        strategy_options["both_orders"] = True
     spec = RunSpec(
         strategy=strategy,
         prompt=prompt,
         judge=judge,
         model=model,
         revision=revision,
+        decode=decode,
         candidates=candidates,
         n_queries=None if all_queries else n_queries,
         seed=seed,
@@ -270,6 +450,8 @@ def submit(
         max_attempts=max_attempts,
         queue=queue,
         judge_options=options,
+        strategy_options=strategy_options,
+        reuse=reuse,
     )
     run_id = _submit(sessions(), spec, wait)
     click.echo(run_id)
@@ -329,14 +511,14 @@ def status(run_id: int | None) -> None:
         return
     click.echo(
         f"{'run':>4}  {'status':8}  {'strategy/prompt':20}  {'judge':10}  {'queries':>11}  "
-        f"{'judged':>8}  {'pending':>8}  {'failed':>7}  model"
+        f"{'judged':>8}  {'reused':>8}  {'pending':>8}  {'failed':>7}  model"
     )
     for p in rows:
         assert p is not None
         click.echo(
             f"{p.run_id:>4}  {p.status:8}  {p.strategy + '/' + p.prompt:20}  {p.judge:10}  "
-            f"{f'{p.queries_done}/{p.queries_total}':>11}  {p.judgments_done:>8}  {p.judgments_pending:>8}  "
-            f"{p.judgments_failed:>7}  {p.model}"
+            f"{f'{p.queries_done}/{p.queries_total}':>11}  {p.judgments_done:>8}  {p.judgments_reused:>8}  "
+            f"{p.judgments_pending:>8}  {p.judgments_failed:>7}  {p.model}"
         )
 
 
@@ -370,17 +552,113 @@ def resume(run_id: int, wait: bool, stale_after: float) -> None:
     )
 
 
+def _statistics_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--resamples / --seed / --confidence, shared by report and figures."""
+    fn = click.option(
+        "--confidence",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.95,
+        show_default=True,
+        help="Level of the bootstrap intervals.",
+    )(fn)
+    fn = click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seeds the bootstrap (same seed, same numbers)."
+    )(fn)
+    return click.option(
+        "--resamples",
+        type=click.IntRange(min=100),
+        default=10_000,
+        show_default=True,
+        help="Bootstrap resamples over queries.",
+    )(fn)
+
+
+@cli.command()
+@click.argument("run_ids", type=int, nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write table1.txt/.md/.csv/.json into this folder.",
+)
+@_statistics_options
+@user_errors
+def report(
+    run_ids: tuple[int, ...], fmt: str, out: Path | None, resamples: int, seed: int, confidence: float
+) -> None:
+    """Table 1: Recall@1/3/5/10 with bootstrap CIs, paired tests against the baseline, cost.
+
+    Reads the SQL views over stored rankings and judgments. Runs of one candidate set are compared
+    on the queries all of them finished (the report says so when that drops queries).
+    """
+    if out is not None:
+        prepare_out_dir(out)
+    with sessions()() as s:
+        result = build_report(
+            s, list(run_ids) or None, n_resamples=resamples, confidence=confidence, seed=seed
+        )
+    click.echo(format_rows(result.rows, fmt, result.notes))
+    if fmt in ("csv", "json"):
+        for note in result.notes[1:]:
+            click.echo(f"note: {note}", err=True)
+    if out is not None:
+        for path in write_report_files(result, out):
+            click.echo(f"wrote {path}", err=True)
+
+
 @cli.command()
 @click.argument("run_ids", type=int, nargs=-1)
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for the PNG files and index.html.",
 )
+@click.option(
+    "--examples",
+    type=click.IntRange(min=1, max=20),
+    default=4,
+    show_default=True,
+    help="Figure 5: queries shown per run.",
+)
+@click.option(
+    "--query",
+    "query_names",
+    multiple=True,
+    help="Figure 5: show this query (file name; repeatable) instead of chosen examples.",
+)
+@_statistics_options
 @user_errors
-def report(run_ids: tuple[int, ...], fmt: str) -> None:
-    """Recall@1/3/5/10 of runs and of the stage-1 baseline on the same queries (SQL views)."""
+def figures(
+    run_ids: tuple[int, ...],
+    out: Path,
+    examples: int,
+    query_names: tuple[str, ...],
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> None:
+    """Figures 3-5 and the position-bias plot as PNG files, with index.html holding them and Table 1."""
+    from orchestrator.figures import write_figures
+
+    prepare_out_dir(out)
     with sessions()() as s:
-        rows = report_rows(s, list(run_ids) or None)
-    click.echo(format_rows(rows, fmt))
+        result = build_report(
+            s, list(run_ids) or None, n_resamples=resamples, confidence=confidence, seed=seed
+        )
+        written = write_figures(
+            s,
+            result,
+            out,
+            examples=examples,
+            query_names=list(query_names),
+            seed=seed,
+        )
+    for note in result.notes[1:]:
+        click.echo(f"note: {note}", err=True)
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @cli.command()
@@ -439,6 +717,53 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     with sf() as s:
         click.echo("\n" + format_rows(report_rows(s, runs), "table"))
     click.echo(f"\ndone in {time.perf_counter() - t0:.1f} s")
+
+
+def worker_argv(model: str, gpu: int | None, concurrency: int, queue: str | None, loglevel: str) -> list[str]:
+    """The ``celery worker`` command line for one model (and one GPU): queue and node name from the model."""
+    slug = model_slug(model)
+    node = f"vlm-{slug}" + (f"-gpu{gpu}" if gpu is not None else "") + "@%h"
+    return ["celery", "-A", "workers.app", "worker", "-Q", queue or queue_for(model), "-P", "prefork",
+            "-c", str(concurrency), "-n", node, "-E", "--loglevel", loglevel]
+
+
+@cli.command()
+@click.option("--model", default="simulated", show_default=True, help="Hub id or folder; the queue is vlm.<model>.")
+@click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPU index: sets CUDA_VISIBLE_DEVICES.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Pool processes (1 per GPU).")
+@click.option("--queue", default=None, help="Override the queue (default vlm.<model>).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
+@user_errors
+def worker(model: str, gpu: int | None, concurrency: int, queue: str | None, loglevel: str, dry_run: bool) -> None:
+    """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host."""
+    argv = worker_argv(model, gpu, concurrency, queue, loglevel)
+    env_note = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
+    if dry_run:
+        click.echo(env_note + " ".join(argv))
+        return
+    if is_embedded():
+        raise click.ClickException("set CVGL_BROKER_URL (and CVGL_DATABASE_URL): a separate worker needs Redis")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
+@user_errors
+def coordinator(concurrency: int, loglevel: str, dry_run: bool) -> None:
+    """Start the coordination worker (replays strategies as verdicts arrive)."""
+    argv = ["celery", "-A", "orchestrator.tasks", "worker", "-Q", COORDINATION_QUEUE, "-c", str(concurrency),
+            "-n", "coordinator@%h", "-E", "--loglevel", loglevel]
+    if dry_run:
+        click.echo(" ".join(argv))
+        return
+    if is_embedded():
+        raise click.ClickException("set CVGL_BROKER_URL (and CVGL_DATABASE_URL): a separate worker needs Redis")
+    os.execvp(argv[0], argv)
 
 
 def _split(value: str) -> list[str]:

@@ -4,6 +4,11 @@
 ``cvgl.advance`` task when workers store verdicts, and by ``resume``; the same call resumes after
 any crash because the strategy replays from what the database holds. New judgments are created
 as pending rows first (their insert decides who enqueues them) and enqueued after the commit.
+
+Judgment reuse: a needed judgment that another run already stored for the same judge, model,
+revision, prompt and judge options (``db/reuse.py``) is copied into this run as done, with
+``reused_from_id`` set, instead of being enqueued; the query is then replayed again at once, so a
+run that repeats an earlier one finishes without a worker. ``--no-reuse`` turns this off.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
-from db.models import FAILED
+from db.models import FAILED, PENDING
 from db.queries import (
     RunInfo,
     add_pending,
@@ -29,7 +34,8 @@ from db.queries import (
     run_info,
     write_rankings,
 )
-from orchestrator.strategies.base import Done, Strategy, get_strategy
+from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
+from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value
 from workers.tasks import judge_pairwise, judge_pointwise
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class Advance:
 
     finished_queries: int = 0
     new_judgments: int = 0
+    reused_judgments: int = 0
     tasks_sent: int = 0
     run_done: bool = False
 
@@ -72,11 +79,13 @@ def advance(
     strategy = strategy_for(info)
     with sessions() as s:
         todo = open_queries(s, run_id, query_ids)
+        sources = reuse_sources(s, info) if todo and reuse_enabled(info) else []
     for part in chunked(todo, REPLAY_CHUNK):
         with sessions.begin() as s:
-            finished, new_ids = _replay_part(s, info, strategy, part)
+            finished, new_ids, reused = _replay_part(s, info, strategy, part, sources)
         result.finished_queries += finished
         result.new_judgments += len(new_ids)
+        result.reused_judgments += reused
         result.tasks_sent += enqueue(sessions, info, strategy.kind, new_ids)
     with sessions.begin() as s:
         result.run_done = finish_run_if_complete(s, run_id)
@@ -84,30 +93,49 @@ def advance(
 
 
 def _replay_part(
-    s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int]
-) -> tuple[int, list[int]]:
+    s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int], sources: Sequence[int] = ()
+) -> tuple[int, list[int], int]:
     candidates = candidate_lists(s, info.candidate_set_id, query_ids, info.k)
     if strategy.kind == "pairwise":
         stored = pairwise_outcomes(s, info.id, query_ids)
     else:
         stored = pointwise_outcomes(s, info.id, query_ids)
+    offers = reusable(s, strategy.kind, sources, query_ids) if sources else {}
+    probabilities = getattr(strategy, "reads_probabilities", False)
     orders: dict[int, tuple] = {}
     pending_rows: list[dict] = []
+    reused_rows: list[dict] = []
     for q in query_ids:
         cands = candidates.get(q, [])
         rows = stored.get(q, {})
         if strategy.kind == "pairwise":
             # A failed comparison counts as "first wins": the order shown (current order) is kept.
             outcomes = {
-                pair: (True if r.status == FAILED else r.first_wins)
+                pair: pairwise_value(r.status == FAILED, r.first_wins, r.p_first, probabilities=probabilities)
                 for pair, r in rows.items()
-                if r.status != "pending"
+                if r.status != PENDING
             }
         else:
             outcomes = {
-                t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != "pending"
+                t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != PENDING
             }
-        step = strategy.replay(cands, outcomes)
+        offer = offers.get(q, {})
+        while True:
+            step = strategy.replay(cands, outcomes)
+            if isinstance(step, Done):
+                break
+            # Copy what an earlier run already judged, then replay: the copies may expose more.
+            hits = [item for item in step.items if item not in rows and item in offer]
+            for item in hits:
+                src = offer.pop(item)
+                reused_rows.append(copy_row(strategy.kind, info.id, src))
+                outcomes[item] = (
+                    pairwise_value(False, src["first_wins"], src["p_first"], probabilities=probabilities)
+                    if strategy.kind == "pairwise"
+                    else src["score"]
+                )
+            if not hits:
+                break
         if isinstance(step, Done):
             orders[q] = step.order
             continue
@@ -120,10 +148,14 @@ def _replay_part(
                 )
             else:
                 pending_rows.append({"run_id": info.id, "query_id": q, "tile_id": item})
+    # A copy that lost to a row stored meanwhile (a concurrent replay): the replay above read the
+    # copy, so wait for the stored row's outcome before writing that query's ranking.
+    reused, contested = insert_reused(s, strategy.kind, reused_rows)
+    orders = {q: order for q, order in orders.items() if q not in contested}
     if orders:
         write_rankings(s, info.id, orders)
     new_ids = add_pending(s, strategy.kind, pending_rows)
-    return len(orders), new_ids
+    return len(orders), new_ids, reused
 
 
 def enqueue(sessions: sessionmaker[Session], info: RunInfo, kind: str, ids: Sequence[int]) -> int:

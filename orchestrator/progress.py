@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from db.models import PairwiseVerdict, PointwiseScore, Run, RunQuery
+from db.reuse import reused_count
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class RunProgress:
     judgments_pending: int
     judgments_done: int
     judgments_failed: int
+    judgments_reused: int = 0  # among the done: copied from earlier runs, not judged again
 
     @property
     def finished(self) -> bool:
@@ -60,6 +66,7 @@ def run_progress(s: Session, run_id: int) -> RunProgress | None:
         judgments_pending=counts["pending"],
         judgments_done=counts["done"],
         judgments_failed=counts["failed"],
+        judgments_reused=reused_count(s, run_id),
     )
 
 
@@ -90,8 +97,13 @@ def wait_for_run(
     stalls = 0
     try:
         while True:
-            with sessions() as s:
-                p = run_progress(s, run_id)
+            try:
+                with sessions() as s:
+                    p = run_progress(s, run_id)
+            except (OperationalError, InterfaceError) as exc:  # the database restarting: keep waiting
+                log.warning("database unavailable while waiting for run %d: %s", run_id, exc.orig or exc)
+                time.sleep(1.0)
+                continue
             assert p is not None
             if bar is None and progress_bar:
                 bar = tqdm(
@@ -104,7 +116,10 @@ def wait_for_run(
             if bar is not None:
                 bar.update(p.queries_done - bar.n)
                 bar.set_postfix(
-                    judged=p.judgments_done, pending=p.judgments_pending, failed=p.judgments_failed
+                    judged=p.judgments_done,
+                    reused=p.judgments_reused,
+                    pending=p.judgments_pending,
+                    failed=p.judgments_failed,
                 )
             if p.finished:
                 return p

@@ -12,12 +12,21 @@ from sqlalchemy.orm import Session
 from db.models import Candidate, CandidateSet, Query, Run, RunQuery
 from db.upsert import insert_ignore
 from orchestrator.strategies.base import get_strategy
-from workers.judges.registry import check_judge_name, default_model, default_revision, load_judge
+from workers.judges.registry import (
+    check_judge_name,
+    check_model_folder,
+    default_model,
+    default_revision,
+    load_judge,
+)
+from workers.judging import DECODE_MODES
 from workers.prompts import SPECS, load_prompt
 from workers.queues import queue_for
 
 DEFAULT_PROMPT = {"pairwise": "pairwise", "pointwise": "yesno"}
-DEFAULT_BATCH_SIZE = {"simulated": 64}
+# Judgments per task. A VLM worker runs a task as forward passes of CVGL_VLM_BATCH_SIZE rows; a
+# task spans many queries, so the ground-prefix and image-feature reuse find repeats.
+DEFAULT_BATCH_SIZE = {"simulated": 64, "llava": 32, "qwen2.5-vl": 16}
 FALLBACK_BATCH_SIZE = 16
 
 
@@ -40,7 +49,9 @@ class RunSpec:
     max_attempts: int = 3
     queue: str | None = None
     judge_options: dict[str, Any] = field(default_factory=dict)
-    strategy_options: dict[str, Any] = field(default_factory=dict)
+    decode: str = "choices"  # pairwise: "choices" (one forward pass) or "generate" (the paper's way)
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # top, both_orders, aggregate
+    reuse: bool = True  # copy judgments earlier runs stored for the same judge, model, prompt
 
 
 def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
@@ -82,6 +93,11 @@ def create_run(s: Session, spec: RunSpec) -> int:
         )
     check_judge_name(spec.judge)
     model = spec.model or default_model(spec.judge)
+    check_model_folder(spec.judge, model)  # a local folder must be a checkpoint of the judge's family
+    if spec.decode not in DECODE_MODES:
+        raise SubmitError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {spec.decode!r}")
+    if spec.decode == "generate" and strategy.kind != "pairwise":
+        raise SubmitError("--decode generate answers pairwise prompts; pointwise prompts follow their own mode")
     if spec.k < 2:
         raise SubmitError("--k must be at least 2")
     if spec.n_queries is not None and spec.n_queries < 1:
@@ -91,6 +107,9 @@ def create_run(s: Session, spec: RunSpec) -> int:
     cs = pick_candidate_set(s, spec.candidates)
     if spec.k > cs.k:
         raise SubmitError(f"--k {spec.k} exceeds the {cs.k} candidates per query of {cs.name!r}")
+    top = spec.strategy_options.get("top")
+    if top is not None and top > spec.k:
+        raise SubmitError(f"--top {top} exceeds --k {spec.k}")
     names = dict(
         s.execute(
             select(Query.name, Query.id)
@@ -117,7 +136,12 @@ def create_run(s: Session, spec: RunSpec) -> int:
         n_queries=len(query_ids),
         batch_size=spec.batch_size or DEFAULT_BATCH_SIZE.get(spec.judge, FALLBACK_BATCH_SIZE),
         max_attempts=spec.max_attempts,
-        params={"judge_options": judge_options, "strategy_options": dict(spec.strategy_options)},
+        params={
+            "judge_options": judge_options,
+            "strategy_options": dict(spec.strategy_options),
+            "decode": spec.decode,
+            "reuse": spec.reuse,
+        },
     )
     s.add(run)
     s.flush()

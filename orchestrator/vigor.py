@@ -64,8 +64,15 @@ class VigorData:
     missing_images: tuple[str, ...]
 
 
+def _plain_file_name(name: str) -> None:
+    """Refuse names that could point outside the dataset folder (``../``, absolute, separators)."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise ValueError(f"not a plain file name: {name!r}")
+
+
 def parse_satellite_name(name: str) -> tuple[float, float]:
     """``satellite_<lat>_<lon>.png`` -> (lat, lon)."""
+    _plain_file_name(name)
     parts = Path(name).stem.split("_")
     if len(parts) != 3 or parts[0] != "satellite":
         raise ValueError(f"not a VIGOR satellite file name: {name!r}")
@@ -74,6 +81,7 @@ def parse_satellite_name(name: str) -> tuple[float, float]:
 
 def parse_panorama_name(name: str) -> tuple[str, float, float]:
     """``<panoid>,<lat>,<lon>,.jpg`` -> (panoid, lat, lon)."""
+    _plain_file_name(name)
     parts = name.split(",")
     if len(parts) != 4:
         raise ValueError(f"not a VIGOR panorama file name: {name!r}")

@@ -46,7 +46,7 @@ def _transport_options() -> dict:
     }
 
 
-app = Celery("cvgl", include=["workers.tasks"])
+app = Celery("cvgl", include=["workers.tasks", "workers.retrieval.tasks"])
 app.conf.update(
     broker_url=broker_url(),
     # JSON only: pickle would let anyone who can write to Redis run code in the workers.
@@ -75,6 +75,9 @@ app.conf.update(
     worker_soft_shutdown_timeout=float(os.environ.get("CVGL_SOFT_SHUTDOWN_TIMEOUT", "10")),
     worker_hijack_root_logger=False,
 )
+
+
+import workers.control  # noqa: E402,F401  (registers the `inspect gpu` command and the served counter)
 
 
 @worker_process_init.connect

@@ -3,6 +3,8 @@
 - choices: one forward pass; the answer is the renormalised probability of the choice tokens.
 - generate (Direct): decode the answer and parse a 0-100 score; unparsable -> a failed judgment.
 - reason: decode the reasoning, then read P(Yes) after it (one more forward pass).
+- pairwise with ``decode="generate"``: the paper's way, decode the JSON answer and parse the
+  preference; unparsable -> a failed judgment (the coordinator keeps the order shown).
 A batch that raises is retried one request at a time, so one bad item fails alone.
 """
 
@@ -11,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from db.models import DONE, FAILED
 from workers import scoring
@@ -27,6 +32,9 @@ DIRECT_MAX_NEW_TOKENS = 16
 REASONING_MAX_NEW_TOKENS = 256
 # Asked after the model's reasoning, so the next token is the Yes/No answer.
 REASONING_ANSWER_CUE = "\nAnswer:"
+# The paper's code decodes up to 128 new tokens for its JSON answers (--max_new_tokens 128).
+PAIRWISE_MAX_NEW_TOKENS = 128
+DECODE_MODES = ("choices", "generate")
 
 
 @dataclass
@@ -70,22 +78,58 @@ def resolve_image(root: str | Path, relative: str) -> Path:
     return path
 
 
-def missing_images(request: JudgeRequest) -> list[Path]:
-    return [p for p in request.images if not p.is_file()]
+# Images already found readable in this process: each appears in many judgments.
+_READABLE: OrderedDict[Path, None] = OrderedDict()
+_READABLE_MAX = 50_000
 
 
-def run_batch(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
-    """Judge ``items`` with ``prompt``; one Outcome per item, in order. Never raises for an item."""
+def unreadable_images(request: JudgeRequest) -> list[str]:
+    """Problems with the request's images ("missing: path", "corrupt: path (reason)"); empty if fine.
+
+    Checked before any judge runs, so a bad file fails its own judgments with its name, and the
+    simulated judge (which never opens images) sees the same failures a real model would.
+    """
+    problems = []
+    for path in request.images:
+        if path in _READABLE:
+            continue
+        if not path.is_file():
+            problems.append(f"missing: {path}")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # PIL raises many types for broken files
+            problems.append(f"corrupt: {path} ({type(exc).__name__}: {exc})")
+            continue
+        _READABLE[path] = None
+        if len(_READABLE) > _READABLE_MAX:
+            _READABLE.popitem(last=False)
+    return problems
+
+
+def run_batch(judge: Judge, prompt: Prompt, items: Sequence[Item], decode: str = "choices") -> list[Outcome]:
+    """Judge ``items`` with ``prompt``; one Outcome per item, in order. Never raises for an item.
+
+    ``decode`` is how a pairwise prompt is answered: "choices" (one forward pass, P("1") vs
+    P("2") after the forced JSON prefix) or "generate" (the paper's way). Pointwise prompts
+    follow their own mode.
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     ready: list[Item] = []
     outcomes: dict[int, Outcome] = {}
     for it in items:
-        missing = missing_images(it.request)
-        if missing:
-            outcomes[it.id] = failed(it.id, "image not found: " + ", ".join(map(str, missing)))
+        problems = unreadable_images(it.request)
+        if problems:
+            outcomes[it.id] = failed(it.id, "unreadable image: " + "; ".join(problems))
         else:
             ready.append(it)
     if ready:
-        procedure = _PROCEDURES[prompt.spec.mode]
+        if prompt.spec.kind == "pairwise" and decode == "generate":
+            procedure = _ask_pairwise_generate
+        else:
+            procedure = _PROCEDURES[prompt.spec.mode]
         t0 = time.perf_counter()
         try:
             done = procedure(judge, prompt, ready)
@@ -166,6 +210,20 @@ def _ask_reason(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Out
         _read_choices(prompt, it.id, p, raw_prefix=text.strip() + "\n")
         for it, text, p in zip(items, reasoning, probs, strict=True)
     ]
+
+
+def _ask_pairwise_generate(judge: Judge, prompt: Prompt, items: Sequence[Item]) -> list[Outcome]:
+    texts = judge.generate([it.request for it in items], PAIRWISE_MAX_NEW_TOKENS)
+    out = []
+    for it, text in zip(items, texts, strict=True):
+        try:
+            preference = scoring.parse_preference(text)
+        except scoring.UnparsableAnswer as exc:
+            out.append(Outcome(it.id, FAILED, raw_output=text, error=f"unparsable answer: {exc}"))
+        else:
+            # Decoded text has no probabilities: p_first / p_second stay empty.
+            out.append(Outcome(it.id, DONE, raw_output=text, result={"first_wins": preference == 1}))
+    return out
 
 
 _PROCEDURES: dict[str, Callable[[Judge, Prompt, Sequence[Item]], list[Outcome]]] = {

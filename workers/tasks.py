@@ -27,11 +27,12 @@ from db.queries import (
     run_info,
 )
 from workers.app import app
+from workers.control import record_served
 from workers.judges.base import JudgeRequest
 from workers.judging import Item, Outcome, failed, resolve_image, run_batch
 from workers.prompts import load_prompt
 from workers.queues import COORDINATION_QUEUE
-from workers.runtime import get_judge
+from workers.runtime import get_judge, loaded_judges
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
         elif live:
             stored += _judge_and_store(sessions, kind, info, live, worker)
         _notify_coordinator(run_id, sorted({i.query_id for i in group}))
+    record_served(stored, [{"judge": j.name, "model": j.model, "revision": j.revision} for j in loaded_judges()])
     return stored
 
 
@@ -138,7 +140,7 @@ def _judge_and_store(sessions, kind: str, info: RunInfo, inputs: list[JudgmentIn
                 items.append(Item(inp.id, _request(info, prompt.text, inp)))
             except ValueError as exc:
                 outcomes.append(failed(inp.id, str(exc)))
-        outcomes.extend(run_batch(judge, prompt, items))
+        outcomes.extend(run_batch(judge, prompt, items, decode=info.params.get("decode", "choices")))
     rows = [{**o.row(), "worker": worker, "model_revision": revision} for o in outcomes]
     with sessions.begin() as s:
         return record_outcomes(s, kind, rows)

@@ -7,6 +7,10 @@ set accuracy, and the same answer for the same seed, query and tiles every time,
   probability ``accuracy``; otherwise it prefers the tile with the better stage-1 rank with
   probability ``accuracy``. ``position_bias`` B moves probability mass to the first-shown tile:
   P(first) <- B + (1 - B) * P(first).
+- ``noise`` N (pairwise only): with probability N, drawn separately for each order shown, the
+  answer above is replaced by a coin flip (before the position bias). The same two tiles can then
+  get opposite answers in the two orders, and preferences are non-transitive, as a real VLM's
+  are. Accuracy errors, by contrast, are the same in both orders. N = 0 changes nothing.
 - Pointwise: it scores the positive above 0.5 and every other tile below 0.5, each with
   probability ``accuracy`` (scores in [0.55, 1] or [0, 0.45], so Direct's rounding never ties
   across 0.5). Yes/No reads the score as P(Yes), Likert as expectation 1 + 4 * score, Direct as
@@ -18,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,24 +50,33 @@ class SimulatedJudge:
         seed: int = 0,
         accuracy: float = 0.8,
         position_bias: float = 0.0,
+        noise: float = 0.0,
         latency_ms: float = 0.0,
+        poison: Sequence[str] = (),
     ) -> None:
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy must be within [0, 1], got {accuracy}")
         if not 0.0 <= position_bias <= 1.0:
             raise ValueError(f"position_bias must be within [0, 1], got {position_bias}")
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise must be within [0, 1], got {noise}")
         self.model = model
         self.revision = REVISION
         self.seed = int(seed)
         self.accuracy = float(accuracy)
         self.position_bias = float(position_bias)
+        self.noise = float(noise)
         self.latency_ms = float(latency_ms)
+        # Fault injection: judgments ("query|tile" or "query|first|second", by file name) that kill
+        # the process asking them, as a segfaulting model would. For separate worker processes only.
+        self.poison = frozenset(poison)
 
     # -- Judge protocol -------------------------------------------------------------------------
 
     def choice_probs(
         self, requests: Sequence[JudgeRequest], choices: Sequence[str]
     ) -> list[dict[str, float]]:
+        self._crash_on_poison(requests)
         self._pretend_to_work(len(requests))
         out = []
         for req in requests:
@@ -75,6 +90,7 @@ class SimulatedJudge:
         return out
 
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]:
+        self._crash_on_poison(requests)
         self._pretend_to_work(len(requests))
         out = []
         for req in requests:
@@ -103,6 +119,10 @@ class SimulatedJudge:
         else:
             target_first = rank_a < rank_b
         prefers_first = target_first if u < self.accuracy else not target_first
+        if self.noise > 0.0 and unit_hash(self.seed, query, a, b, "noise") < self.noise:
+            # Drawn from the order shown: the two orders of one pair answer independently.
+            prefers_first = unit_hash(self.seed, query, a, b, "coin") < 0.5
+            conf = 0.6 + 0.35 * unit_hash(self.seed, query, a, b, "noise-conf")
         p = conf if prefers_first else 1.0 - conf
         return self.position_bias + (1.0 - self.position_bias) * p
 
@@ -129,6 +149,13 @@ class SimulatedJudge:
             probs[str(lo + 1)] += frac
             return probs
         raise ValueError(f"the simulated judge cannot answer choices {list(choices)}")
+
+    def _crash_on_poison(self, requests: Sequence[JudgeRequest]) -> None:
+        if not self.poison:
+            return
+        for req in requests:
+            if "|".join([req.context["query"], *req.context["tiles"]]) in self.poison:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _pretend_to_work(self, n: int) -> None:
         if self.latency_ms > 0 and n:

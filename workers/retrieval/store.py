@@ -1,0 +1,487 @@
+"""Where retrieval state lives: shard rows in SQL, embeddings in float16 .npy files they name.
+
+The database decides what is left, as for judgments: a shard is embedded by whoever claims it
+while it is 'pending' (attempts + 1), and completed once by an UPDATE guarded by
+``status = 'pending'``; its file is written (atomically, fsynced) before that UPDATE, so a shard
+marked 'done' always has its file, and a 'done' shard is never embedded again. Files go under
+``CVGL_EMBEDDINGS_DIR`` (default ``CVGL_HOME/embeddings``), one folder per run; with PostgreSQL
+and several hosts that folder must be shared storage mounted at the same path everywhere.
+
+Torch-free (numpy only), so the orchestrator may import it; imports only ``db`` of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from db.engine import cvgl_home
+from db.models import (
+    DONE,
+    FAILED,
+    PENDING,
+    RETRIEVAL_DONE,
+    RETRIEVAL_FAILED,
+    RETRIEVAL_RUNNING,
+    Candidate,
+    CandidateSet,
+    Dataset,
+    EmbeddingShard,
+    GroundTruth,
+    Query,
+    RetrievalQueryRank,
+    RetrievalRun,
+    SkippedImage,
+    Tile,
+)
+from db.queries import chunked, now
+from db.upsert import insert_ignore
+
+# Sample4Geo's VIGOR evaluation settings (eval_vigor_cross.py), here so the CLI can name them
+# without importing torch.
+DEFAULT_MODEL = "convnext_base.fb_in22k_ft_in1k_384"
+DEFAULT_IMG_SIZE = 384  # tiles 384x384, panoramas 384x768
+EMBEDDINGS_DIR_ENV = "CVGL_EMBEDDINGS_DIR"
+TILE, QUERY = "tile", "query"
+KINDS = (TILE, QUERY)
+VIEW_OF_KIND = {TILE: "satellite", QUERY: "ground"}
+
+
+def embeddings_root() -> Path:
+    """``CVGL_EMBEDDINGS_DIR``, else ``CVGL_HOME/embeddings``."""
+    env = os.environ.get(EMBEDDINGS_DIR_ENV, "").strip()
+    return Path(env).expanduser() if env else cvgl_home() / "embeddings"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_folder_name(run_id: int, name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:80] or "run"
+    return f"{run_id:05d}-{slug}"
+
+
+def shard_file_name(kind: str, shard_index: int) -> str:
+    return f"{kind}-{shard_index:05d}.npy"
+
+
+def write_shard_file(folder: str | Path, name: str, embeddings: np.ndarray) -> Path:
+    """Write a float16 .npy atomically (temp file, fsync, rename): a crash leaves no half file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(embeddings, dtype=np.float16), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other hosts' workers read it
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_shard_file(path: str | Path, n_rows: int) -> np.ndarray:
+    """Load a shard's embeddings, checking that the file matches its database row."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"embedding file {path} is missing; is {EMBEDDINGS_DIR_ENV} shared by every retrieval worker?"
+        ) from None
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"embedding file {path} is unreadable: {exc}") from exc
+    if arr.dtype != np.float16 or arr.ndim != 2 or arr.shape[0] != n_rows:
+        raise ValueError(
+            f"embedding file {path} holds {arr.dtype} {arr.shape}, expected float16 ({n_rows}, dim)"
+        )
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------
+# shards (retrieval workers)
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """Everything a worker needs to embed one shard."""
+
+    shard_id: int
+    run_id: int
+    run_status: str
+    kind: str
+    shard_index: int
+    status: str
+    attempts: int
+    max_attempts: int
+    item_ids: tuple[int, ...]
+    paths: tuple[str, ...]  # absolute
+    relative_paths: tuple[str, ...]
+    embeddings_dir: str
+    batch_size: int
+    model: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    random_init: bool
+    seed: int
+    img_size: int
+
+    @property
+    def file_name(self) -> str:
+        return shard_file_name(self.kind, self.shard_index)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} shard {self.shard_index}"
+
+
+def shard_work(s: Session, shard_id: int) -> ShardWork | None:
+    row = s.execute(
+        select(EmbeddingShard, RetrievalRun, Dataset.root)
+        .join(RetrievalRun, RetrievalRun.id == EmbeddingShard.retrieval_run_id)
+        .join(Dataset, Dataset.id == RetrievalRun.dataset_id)
+        .where(EmbeddingShard.id == shard_id)
+    ).first()
+    if row is None:
+        return None
+    shard, run, root = row
+    model = Tile if shard.kind == TILE else Query
+    ids = [int(i) for i in shard.item_ids]
+    paths: dict[int, str] = {}
+    for part in chunked(ids):
+        paths.update(s.execute(select(model.id, model.path).where(model.id.in_(part))).all())
+    missing = [i for i in ids if i not in paths]
+    if missing:
+        raise LookupError(f"{shard.kind} ids {missing[:5]} of shard {shard.id} no longer exist")
+    rel = tuple(paths[i] for i in ids)
+    return ShardWork(
+        shard_id=shard.id,
+        run_id=run.id,
+        run_status=run.status,
+        kind=shard.kind,
+        shard_index=shard.shard_index,
+        status=shard.status,
+        attempts=shard.attempts,
+        max_attempts=run.max_attempts,
+        item_ids=tuple(ids),
+        paths=tuple(str(Path(root) / p) for p in rel),
+        relative_paths=rel,
+        embeddings_dir=run.embeddings_dir,
+        batch_size=run.batch_size,
+        model=run.model,
+        checkpoint=run.checkpoint,
+        checkpoint_sha256=run.checkpoint_sha256,
+        random_init=run.random_init,
+        seed=run.seed,
+        img_size=run.img_size,
+    )
+
+
+def claim_shard(s: Session, shard_id: int, worker: str) -> bool:
+    """Count an attempt on a pending shard before embedding it (a crash still counts)."""
+    result = s.execute(
+        update(EmbeddingShard)
+        .where(EmbeddingShard.id == shard_id, EmbeddingShard.status == PENDING)
+        .values(attempts=EmbeddingShard.attempts + 1, worker=worker)
+        .returning(EmbeddingShard.id)
+    )
+    return result.first() is not None
+
+
+def complete_shard(
+    s: Session,
+    work: ShardWork,
+    *,
+    n_embedded: int,
+    dim: int,
+    errors: dict[int, str],
+    seconds: float,
+    device: str,
+    worker: str,
+) -> bool:
+    """Mark the shard done (once) and record its unreadable images; False if another delivery won."""
+    won = s.execute(
+        update(EmbeddingShard)
+        .where(EmbeddingShard.id == work.shard_id, EmbeddingShard.status == PENDING)
+        .values(
+            status=DONE,
+            file=work.file_name,
+            n_embedded=n_embedded,
+            seconds=seconds,
+            device=device[:64],
+            worker=worker[:255],
+            error=None,
+            finished_at=now(),
+        )
+        .returning(EmbeddingShard.id)
+    ).first()
+    if won is None:
+        return False
+    skip_images(s, work, {row: msg for row, msg in errors.items()})
+    s.execute(
+        update(RetrievalRun)
+        .where(RetrievalRun.id == work.run_id, RetrievalRun.embed_dim.is_(None))
+        .values(embed_dim=dim)
+    )
+    return True
+
+
+def skip_images(s: Session, work: ShardWork, errors: dict[int, str]) -> None:
+    rows = [
+        {
+            "retrieval_run_id": work.run_id,
+            "kind": work.kind,
+            "item_id": work.item_ids[row],
+            "path": work.relative_paths[row],
+            "error": msg,
+        }
+        for row, msg in sorted(errors.items())
+    ]
+    insert_ignore(s, SkippedImage.__table__, rows, key=["retrieval_run_id", "kind", "item_id"])
+
+
+def give_up_shard(s: Session, work: ShardWork, error: str) -> bool:
+    """Fail a shard that keeps killing its worker: its images are recorded as skipped, the run goes on."""
+    won = s.execute(
+        update(EmbeddingShard)
+        .where(EmbeddingShard.id == work.shard_id, EmbeddingShard.status == PENDING)
+        .values(status=FAILED, error=error, finished_at=now())
+        .returning(EmbeddingShard.id)
+    ).first()
+    if won is None:
+        return False
+    skip_images(s, work, dict.fromkeys(range(len(work.item_ids)), error))
+    return True
+
+
+def fail_run(s: Session, run_id: int, error: str) -> bool:
+    """Stop a run for a reason no retry fixes (bad checkpoint, unknown model); rerunning resets it."""
+    result = s.execute(
+        update(RetrievalRun)
+        .where(RetrievalRun.id == run_id, RetrievalRun.status == RETRIEVAL_RUNNING)
+        .values(status=RETRIEVAL_FAILED, error=error, finished_at=now())
+        .returning(RetrievalRun.id)
+    )
+    return result.first() is not None
+
+
+def shard_counts(s: Session, run_id: int) -> dict[str, int]:
+    counts = {PENDING: 0, DONE: 0, FAILED: 0}
+    for status, n in s.execute(
+        select(EmbeddingShard.status, func.count())
+        .where(EmbeddingShard.retrieval_run_id == run_id)
+        .group_by(EmbeddingShard.status)
+    ):
+        counts[status] = n
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# the top-K job
+
+
+@dataclass(frozen=True)
+class RankingInput:
+    run_id: int
+    name: str
+    dataset_id: int
+    k: int
+    model: str
+    checkpoint: str | None
+    random_init: bool
+    tile_ids: np.ndarray  # gallery rows with an embedding
+    tiles: np.ndarray  # (n_gallery, dim) float16
+    query_ids: np.ndarray
+    queries: np.ndarray
+    positives: np.ndarray  # (n_queries,) gallery row, -1 when the positive has no embedding
+    semi_positives: np.ndarray  # (n_queries, m) gallery rows, -1 padded
+
+
+def _load_kind(s: Session, run: RetrievalRun, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    shards = s.scalars(
+        select(EmbeddingShard)
+        .where(
+            EmbeddingShard.retrieval_run_id == run.id,
+            EmbeddingShard.kind == kind,
+            EmbeddingShard.status == DONE,
+        )
+        .order_by(EmbeddingShard.shard_index)
+    ).all()
+    ids: list[np.ndarray] = []
+    embs: list[np.ndarray] = []
+    for shard in shards:
+        arr = read_shard_file(Path(run.embeddings_dir) / shard.file, shard.n_items)
+        keep = ~np.isnan(arr).any(axis=1)  # NaN rows: images recorded in skipped_images
+        ids.append(np.asarray(shard.item_ids, dtype=np.int64)[keep])
+        embs.append(arr[keep])
+    dim = run.embed_dim or 0
+    if not embs:
+        return np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float16)
+    return np.concatenate(ids), np.concatenate(embs)
+
+
+def ranking_input(s: Session, run_id: int) -> RankingInput:
+    run = s.get(RetrievalRun, run_id)
+    if run is None:
+        raise LookupError(f"retrieval run {run_id} does not exist")
+    tile_ids, tiles = _load_kind(s, run, TILE)
+    query_ids, queries = _load_kind(s, run, QUERY)
+    row_of = {int(t): i for i, t in enumerate(tile_ids)}
+    pos: dict[int, int] = {}
+    semi: dict[int, list[int]] = defaultdict(list)
+    for part in chunked(query_ids.tolist()):
+        for q, t, rel in s.execute(
+            select(GroundTruth.query_id, GroundTruth.tile_id, GroundTruth.relation).where(
+                GroundTruth.query_id.in_(part)
+            )
+        ):
+            if rel == "positive":
+                pos[q] = row_of.get(t, -1)
+            elif t in row_of:
+                semi[q].append(row_of[t])
+    width = max((len(v) for v in semi.values()), default=0)
+    semi_arr = np.full((len(query_ids), width), -1, dtype=np.int64)
+    for i, q in enumerate(query_ids.tolist()):
+        rows = semi.get(q, [])
+        semi_arr[i, : len(rows)] = rows
+    return RankingInput(
+        run_id=run.id,
+        name=run.name,
+        dataset_id=run.dataset_id,
+        k=run.k,
+        model=run.model,
+        checkpoint=run.checkpoint,
+        random_init=run.random_init,
+        tile_ids=tile_ids,
+        tiles=tiles,
+        query_ids=query_ids,
+        queries=queries,
+        positives=np.array([pos.get(int(q), -1) for q in query_ids], dtype=np.int64),
+        semi_positives=semi_arr,
+    )
+
+
+def store_ranking(
+    s: Session,
+    inp: RankingInput,
+    indices: np.ndarray,
+    scores: np.ndarray,
+    positive_rank: np.ndarray,
+    hit_rank: np.ndarray,
+    positive_score: np.ndarray,
+    params: dict[str, Any],
+) -> int | None:
+    """Write the candidate set, its candidates and the positives' ranks; finish the run (once).
+
+    Returns the candidate set id, or None when another delivery finished the run first.
+    """
+    run = s.scalar(
+        select(RetrievalRun)
+        .where(RetrievalRun.id == inp.run_id, RetrievalRun.status == RETRIEVAL_RUNNING)
+        .with_for_update()
+    )
+    if run is None or run.candidate_set_id is not None:
+        return None
+    taken = s.scalar(select(CandidateSet.id).where(CandidateSet.name == inp.name))
+    if taken is not None:
+        fail_run(s, inp.run_id, f"a candidate set named {inp.name!r} already exists (id {taken})")
+        return None
+    cs = CandidateSet(
+        name=inp.name,
+        dataset_id=inp.dataset_id,
+        k=inp.k,
+        source="retrieval",
+        details={
+            "retrieval_run_id": inp.run_id,
+            "model": inp.model,
+            "checkpoint": inp.checkpoint,
+            "random_init": inp.random_init,
+        },
+    )
+    s.add(cs)
+    s.flush()
+    tiles = inp.tile_ids[indices]  # (n_queries, k) tile ids
+    rows = [
+        {"candidate_set_id": cs.id, "query_id": q, "rank": r + 1, "tile_id": t, "score": sc}
+        for q, trow, srow in zip(inp.query_ids.tolist(), tiles.tolist(), scores.tolist(), strict=True)
+        for r, (t, sc) in enumerate(zip(trow, srow, strict=True))
+    ]
+    _insert_many(s, Candidate.__table__, rows)
+    rank_rows = [
+        {
+            "retrieval_run_id": inp.run_id,
+            "query_id": q,
+            "positive_rank": pr if pr >= 0 else None,
+            "hit_rank": hr if hr >= 0 else None,
+            "positive_score": None if np.isnan(ps) else float(ps),
+        }
+        for q, pr, hr, ps in zip(
+            inp.query_ids.tolist(), positive_rank.tolist(), hit_rank.tolist(), positive_score, strict=True
+        )
+    ]
+    _insert_many(s, RetrievalQueryRank.__table__, rank_rows)
+    s.execute(
+        update(RetrievalRun)
+        .where(RetrievalRun.id == inp.run_id)
+        .values(
+            status=RETRIEVAL_DONE,
+            candidate_set_id=cs.id,
+            n_gallery=len(inp.tile_ids),
+            error=None,
+            finished_at=now(),
+            params={**(run.params or {}), **params},
+        )
+    )
+    return cs.id
+
+
+def _insert_many(s: Session, table, rows: Sequence[dict[str, Any]], batch: int = 20_000) -> None:
+    # executemany: SQLAlchemy batches it into multi-row INSERTs ("insertmanyvalues") on both backends.
+    for part in chunked(list(rows), batch):
+        s.execute(insert(table), list(part))
+
+
+def reset_failed(s: Session, run_id: int) -> int:
+    """Give failed shards and a failed run another chance (the user ran the command again)."""
+    failed = s.scalars(
+        select(EmbeddingShard).where(
+            EmbeddingShard.retrieval_run_id == run_id, EmbeddingShard.status == FAILED
+        )
+    ).all()
+    for shard in failed:
+        # Their images were recorded as skipped when the shard was given up; they get retried now.
+        for part in chunked([int(i) for i in shard.item_ids]):
+            s.execute(
+                delete(SkippedImage).where(
+                    SkippedImage.retrieval_run_id == run_id,
+                    SkippedImage.kind == shard.kind,
+                    SkippedImage.item_id.in_(part),
+                )
+            )
+        shard.status, shard.attempts, shard.error, shard.finished_at = PENDING, 0, None, None
+    s.execute(
+        update(RetrievalRun)
+        .where(RetrievalRun.id == run_id, RetrievalRun.status == RETRIEVAL_FAILED)
+        .values(status=RETRIEVAL_RUNNING, error=None, finished_at=None)
+    )
+    return len(failed)

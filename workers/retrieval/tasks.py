@@ -1,0 +1,211 @@
+"""Retrieval tasks on the ``retrieval`` queue: embed one shard; rank the queries once all are embedded.
+
+``cvgl.embed_shard(shard_id)`` skips a shard that is no longer pending (stored shards are never
+recomputed), counts an attempt, embeds the shard's images with the process's encoder, writes the
+float16 file and marks the shard done; the delivery that leaves no shard pending sends
+``cvgl.rank_candidates(run_id)``, which writes the top-K candidate set. A bad checkpoint or an
+unknown model fails the whole run with the reason (rerunning the command resets it); a missing
+or corrupt image is recorded with its file name and the shard goes on without it.
+
+Importing this module is cheap: torch and timm are loaded on the first task, in the worker
+process that runs it (CUDA is not fork-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from celery import Task
+from celery.exceptions import Reject
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from db.engine import session_factory
+from db.models import PENDING, RETRIEVAL_RUNNING, RetrievalRun
+from workers.app import app
+from workers.queues import RETRIEVAL_QUEUE
+from workers.retrieval import store
+
+log = logging.getLogger(__name__)
+
+EMBED_SHARD_TASK = "cvgl.embed_shard"
+RANK_CANDIDATES_TASK = "cvgl.rank_candidates"
+_DB_ERRORS = (OperationalError, InterfaceError)
+
+
+class RetrievalTask(Task):
+    # A database blip must not lose the work: retry with backoff (the DB decides what is left).
+    autoretry_for = _DB_ERRORS
+    retry_backoff = 1
+    retry_backoff_max = 30
+    retry_jitter = True
+    max_retries = 50
+
+
+def _positive_int(value: object, what: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise Reject(
+            f"malformed {what} payload: expected a positive integer id, got {value!r:.200}", requeue=False
+        )
+    return value
+
+
+def _worker(task: Task) -> str:
+    return getattr(task.request, "hostname", None) or socket.gethostname()
+
+
+@app.task(name=EMBED_SHARD_TASK, base=RetrievalTask, bind=True)
+def embed_shard(self: Task, shard_id: int) -> dict:
+    """Embed one shard of a retrieval run, unless it is stored already."""
+    shard_id = _positive_int(shard_id, EMBED_SHARD_TASK)
+    sessions = session_factory()
+    with sessions.begin() as s:
+        work = store.shard_work(s, shard_id)
+    if work is None:
+        return {"shard": shard_id, "skipped": "no such shard"}
+    if work.status != PENDING:
+        return {"shard": shard_id, "skipped": f"already {work.status}"}
+    if work.run_status != RETRIEVAL_RUNNING:
+        return {"shard": shard_id, "skipped": f"run {work.run_id} is {work.run_status}"}
+    if work.attempts >= work.max_attempts:
+        with sessions.begin() as s:
+            store.give_up_shard(
+                s,
+                work,
+                f"gave up on {work.label} after {work.attempts} attempts: the worker died while embedding it",
+            )
+        log.error(
+            "gave up on %s of retrieval run %d after %d attempts", work.label, work.run_id, work.attempts
+        )
+        _rank_when_embedded(work.run_id)
+        return {"shard": shard_id, "failed": True}
+    worker = _worker(self)
+    with sessions.begin() as s:
+        if not store.claim_shard(s, shard_id, worker):
+            return {"shard": shard_id, "skipped": "claimed elsewhere and finished"}
+
+    from workers.retrieval.encoder import CheckpointError, EncoderSpec, UnknownModel, get_encoder
+
+    spec = EncoderSpec(
+        model_name=work.model,
+        checkpoint=work.checkpoint,
+        checkpoint_sha256=work.checkpoint_sha256,
+        random_init=work.random_init,
+        seed=work.seed,
+        img_size=work.img_size,
+    )
+    try:
+        encoder = get_encoder(spec)
+        result = encoder.embed_files(work.paths, store.VIEW_OF_KIND[work.kind], batch_size=work.batch_size)
+    except (CheckpointError, UnknownModel) as exc:
+        # Every shard would fail the same way: stop the run and say why.
+        _fail_run(work.run_id, str(exc))
+        return {"shard": shard_id, "run_failed": str(exc)}
+    except Exception as exc:  # out of memory, a CUDA fault: not this shard's images' fault
+        log.exception("embedding %s of retrieval run %d failed", work.label, work.run_id)
+        _fail_run(work.run_id, f"{work.label} on {worker}: {type(exc).__name__}: {exc}")
+        return {"shard": shard_id, "run_failed": str(exc)}
+    store.write_shard_file(work.embeddings_dir, work.file_name, result.embeddings)
+    with sessions.begin() as s:
+        stored = store.complete_shard(
+            s,
+            work,
+            n_embedded=result.n_embedded,
+            dim=encoder.dim,
+            errors=result.errors,
+            seconds=result.seconds,
+            device=encoder.device_label,
+            worker=worker,
+        )
+    for msg in result.errors.values():
+        log.warning("retrieval run %d skipped an image: %s", work.run_id, msg)
+    log.info(
+        "%s of retrieval run %d: %d images in %.1f s (%.0f/s) on %s",
+        work.label,
+        work.run_id,
+        len(work.item_ids),
+        result.seconds,
+        len(work.item_ids) / max(result.seconds, 1e-9),
+        encoder.device_label,
+    )
+    _rank_when_embedded(work.run_id)
+    return {"shard": shard_id, "stored": stored, "embedded": result.n_embedded, "skipped": len(result.errors)}
+
+
+def _fail_run(run_id: int, error: str) -> None:
+    with session_factory().begin() as s:
+        store.fail_run(s, run_id, error)
+    log.error("retrieval run %d failed: %s", run_id, error)
+
+
+def _rank_when_embedded(run_id: int) -> None:
+    """The delivery that leaves no shard pending starts the top-K job (a duplicate is harmless)."""
+    with session_factory()() as s:
+        if store.shard_counts(s, run_id)[PENDING]:
+            return
+    try:
+        app.send_task(RANK_CANDIDATES_TASK, args=[run_id], queue=RETRIEVAL_QUEUE)
+    except Exception:  # the shards are stored; rerunning `orchestrator retrieve` sends it again
+        log.exception("could not enqueue the top-K job of retrieval run %d", run_id)
+
+
+@app.task(name=RANK_CANDIDATES_TASK, base=RetrievalTask, bind=True)
+def rank_candidates(self: Task, run_id: int) -> dict:
+    """Top-K tiles per query over the whole gallery; stores the candidate set and the positives' ranks."""
+    run_id = _positive_int(run_id, RANK_CANDIDATES_TASK)
+    sessions = session_factory()
+    with sessions() as s:
+        run = s.get(RetrievalRun, run_id)
+        if run is None:
+            return {"run": run_id, "skipped": "no such run"}
+        if run.status != RETRIEVAL_RUNNING:
+            return {"run": run_id, "skipped": f"run is {run.status}"}
+        if store.shard_counts(s, run_id)[PENDING]:
+            return {"run": run_id, "skipped": "shards still pending"}
+        try:
+            inp = store.ranking_input(s, run_id)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail_run(run_id, str(exc))
+            return {"run": run_id, "run_failed": str(exc)}
+    if len(inp.tile_ids) < inp.k:
+        error = (
+            f"only {len(inp.tile_ids)} tiles have an embedding, fewer than K={inp.k} "
+            "(see the skipped images in the report)"
+        )
+        _fail_run(run_id, error)
+        return {"run": run_id, "run_failed": error}
+    if len(inp.query_ids) == 0:
+        error = "no query image could be embedded (see the skipped images in the report)"
+        _fail_run(run_id, error)
+        return {"run": run_id, "run_failed": error}
+
+    from workers.retrieval.encoder import pick_device
+    from workers.retrieval.topk import rank_gallery
+
+    device = pick_device()
+    start = time.perf_counter()
+    ranked = rank_gallery(inp.queries, inp.tiles, inp.k, inp.positives, inp.semi_positives, device=device)
+    rank_seconds = time.perf_counter() - start
+    with sessions.begin() as s:
+        cs_id = store.store_ranking(
+            s,
+            inp,
+            ranked.indices,
+            ranked.scores,
+            ranked.positive_rank,
+            ranked.hit_rank,
+            ranked.positive_score,
+            params={"rank_device": str(device), "rank_seconds": round(rank_seconds, 3)},
+        )
+    log.info(
+        "retrieval run %d: top-%d of %d tiles for %d queries in %.1f s on %s (candidate set %s)",
+        run_id,
+        inp.k,
+        len(inp.tile_ids),
+        len(inp.query_ids),
+        rank_seconds,
+        device,
+        cs_id,
+    )
+    return {"run": run_id, "candidate_set_id": cs_id}
