@@ -6,6 +6,7 @@ migration 0002; a psql user can select from them directly. R@k counts the positi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -259,7 +260,8 @@ per_query AS (
 SELECT p.run_id, r.model_revision AS run_revision, r.prompt_sha256, COUNT(*) AS n_queries,
        CAST(AVG(p.judgments) AS DOUBLE PRECISION) AS judgments_per_query_mean,
        MAX(p.judgments) AS judgments_per_query_max,
-       SUM(p.judgments) AS judgments, SUM(p.failed) AS failed_judgments, SUM(p.reused) AS reused_judgments,
+       CAST(SUM(p.judgments) AS INTEGER) AS judgments, CAST(SUM(p.failed) AS INTEGER) AS failed_judgments,
+       CAST(SUM(p.reused) AS INTEGER) AS reused_judgments,
        CAST(SUM(p.latency_ms) / 1000.0 / COUNT(*) AS DOUBLE PRECISION) AS gpu_seconds_per_query
   FROM per_query p JOIN runs r ON r.id = p.run_id
  GROUP BY p.run_id, r.model_revision, r.prompt_sha256
@@ -322,7 +324,7 @@ SELECT s.run_id, s.score, CASE WHEN g.tile_id IS NULL THEN 0 ELSE 1 END AS posit
 
 RUNS = text(
     "SELECT r.id AS run_id, r.candidate_set_id, cs.name AS candidates, r.strategy, r.prompt_name, r.judge,"
-    " r.model, r.model_revision, r.prompt_sha256, r.k, r.status"
+    " r.model, r.model_revision, r.prompt_sha256, r.k, r.status, r.params"
     " FROM runs r JOIN candidate_sets cs ON cs.id = r.candidate_set_id WHERE r.id IN :run_ids ORDER BY r.id"
 ).bindparams(bindparam("run_ids", expanding=True))
 
@@ -435,8 +437,14 @@ def pointwise_scores(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]
 
 
 def runs(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """The runs' settings and provenance, whether or not any query is finished."""
-    return _rows(s, RUNS, run_ids=list(run_ids)) if run_ids else []
+    """The runs' settings and provenance (``params`` decoded), whether or not any query is finished."""
+    out = _rows(s, RUNS, run_ids=list(run_ids)) if run_ids else []
+    for r in out:
+        # A JSON column read through text(): psycopg decodes it, SQLite hands back the string.
+        if isinstance(r["params"], str):
+            r["params"] = json.loads(r["params"])
+        r["params"] = r["params"] or {}
+    return out
 
 
 def run_query_outcomes(s: Session, run_id: int) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Judgment reuse: a verdict or score another run already stored for the very same judgment.
 
 Two judgments are the same when their runs match on judge, model, model revision (as the runs
-name it), prompt sha256 and judge options, and the rows match on query, tiles and the order
+name it: pin ``--revision`` to a commit so a moving branch cannot match across model updates),
+prompt sha256, judge options and decode mode, and the rows match on query, tiles and the order
 shown. The coordinator copies such a row into the new run as 'done', with ``reused_from_id``
 pointing at the judgment that was really computed, instead of asking a worker again. Judges
 that answer from request context beyond the images (the simulated judge reads stage-1 ranks)
@@ -52,11 +53,12 @@ def reuse_sources(session: Session, info: RunInfo) -> list[int]:
     )
     if info.judge in CONTEXT_JUDGES:
         stmt = stmt.where(Run.candidate_set_id == info.candidate_set_id)
-    wanted = _canonical(info.params.get("judge_options"))
+    wanted = (_canonical(info.params.get("judge_options")), info.params.get("decode", "choices"))
     return sorted(
         run_id
         for run_id, params in session.execute(stmt)
-        if _canonical((params or {}).get("judge_options")) == wanted
+        # --decode generate reads a different answer than the forward pass: not the same judgment.
+        if (_canonical((params or {}).get("judge_options")), (params or {}).get("decode", "choices")) == wanted
     )
 
 

@@ -6,15 +6,12 @@ unique key's columns. Imports nothing of ours.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-
-# SQLite caps bound parameters per statement (32,766 since 3.32); chunk big inserts.
-_MAX_PARAMS = 30_000
 
 
 def insert_ignore(
@@ -44,19 +41,12 @@ def insert_ignore(
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
     if insert is None:
         raise NotImplementedError(f"insert_ignore supports PostgreSQL and SQLite, not {dialect}")
-    out: list[tuple] = []
-    per_row = max(1, len(rows[0]))
-    step = max(1, _MAX_PARAMS // per_row)
-    for chunk in _chunks(rows, step):
-        stmt = insert(table).values(list(chunk)).on_conflict_do_nothing(index_elements=list(key))
-        if returning:
-            stmt = stmt.returning(*(table.c[c] for c in returning))
-            out.extend(tuple(r) for r in conn.execute(stmt).all())
-        else:
-            conn.execute(stmt)
-    return out
-
-
-def _chunks(rows: Sequence[Mapping[str, Any]], n: int) -> Iterable[Sequence[Mapping[str, Any]]]:
-    for i in range(0, len(rows), n):
-        yield rows[i : i + n]
+    stmt = insert(table).on_conflict_do_nothing(index_elements=list(key))
+    if returning:
+        stmt = stmt.returning(*(table.c[c] for c in returning))
+    # One single-row statement executed over all rows: SQLAlchemy's "insertmanyvalues" batches it
+    # into multi-row VALUES pages (RETURNING included) and the compiled form is cached, where a
+    # statement built with .values(rows) would be compiled anew, row by row, on every call.
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    result = connection.execute(stmt, [dict(r) for r in rows])
+    return [tuple(r) for r in result.all()] if returning else []

@@ -248,6 +248,7 @@ def retrieve(
     set NAME. Running the same command again resumes: shards already stored are not recomputed.
     """
     from orchestrator import retrieve as stage1
+    from workers.app import visibility_timeout
 
     spec = stage1.RetrieveSpec(
         name=name,
@@ -286,7 +287,7 @@ def retrieve(
             stage1.wait_for_retrieval(
                 sf,
                 prepared.run_id,
-                on_stall=lambda: stage1.enqueue(sf, prepared.run_id, only_unstarted=True),
+                on_stall=lambda: stage1.enqueue(sf, prepared.run_id, lost_after=visibility_timeout()),
                 stall_seconds=_stall_seconds(),
             )
     except stage1.RetrievalFailed as exc:
@@ -620,7 +621,7 @@ def report(
     type=click.IntRange(min=1, max=20),
     default=4,
     show_default=True,
-    help="Figure 5: queries shown per run.",
+    help="Figure 5: queries shown per run (chosen with --seed).",
 )
 @click.option(
     "--query",

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from db import reports
 from db.reports import RECALL_KS
 from orchestrator import stats
-from orchestrator.report import Report, ReportError
+from orchestrator.report import Report, ReportError, options_label
 
 DPI = 120
 TRUE_COLOUR = "#1a9641"  # the true tile, positives
@@ -70,8 +70,12 @@ def method_label(row: Mapping[str, Any], with_candidates: bool = False) -> str:
     """How a report row is named on a figure axis."""
     if row["strategy"] == "baseline":
         label = "baseline (stage 1)"
+    elif row["strategy"] == "retrieval":
+        label = f"retrieval, whole gallery · {_short_model(row.get('model'))}"
     else:
-        label = f"{row['strategy']}/{row.get('prompt')} · {_short_model(row.get('model'))} (run {row['run_id']})"
+        model = _short_model(row.get("model")) + options_label(row.get("judge_options"))
+        label = f"{row['strategy']}/{row.get('prompt')}{options_label(row.get('strategy_options'))} · {model}"
+        label += f" (run {row['run_id']})"
     return f"{label} · {row['candidates']}" if with_candidates else label
 
 

@@ -101,7 +101,9 @@ def report_rows(
                 **{f"recall@{k}": b[f"recall_at_{k}"] for k in RECALL_KS},
             }
         )
+    params = {r["run_id"]: r["params"] for r in reports.runs(s, ids)}
     for r in reports.run_recall_on_shared_queries(s, ids):
+        options = params.get(r["run_id"], {})
         rows.append(
             {
                 "run_id": r["run_id"],
@@ -115,6 +117,8 @@ def report_rows(
                 **{f"recall@{k}": r[f"recall_at_{k}"] for k in RECALL_KS},
                 "status": r["status"],
                 "n_planned": r["n_planned"],
+                "judge_options": options.get("judge_options", {}),
+                "strategy_options": options.get("strategy_options", {}),
             }
         )
     add_statistics(s, rows, ids, n_resamples=n_resamples, confidence=confidence, seed=seed)
@@ -323,7 +327,20 @@ def _delta(r: dict[str, Any], k: int) -> str:
 def _method(r: dict[str, Any]) -> str:
     if r["strategy"] == "retrieval":
         return "retrieval (whole gallery)" + (", random init" if r.get("random_init") else "")
-    return "baseline (stage 1)" if r["strategy"] == "baseline" else f"{r['strategy']}/{r.get('prompt')}"
+    if r["strategy"] == "baseline":
+        return "baseline (stage 1)"
+    return f"{r['strategy']}/{r.get('prompt')}" + options_label(r.get("strategy_options"))
+
+
+def options_label(options: dict[str, Any] | None) -> str:
+    """" (accuracy=0.9, both_orders=True)": what tells two runs of one strategy and model apart."""
+    shown = {k: v for k, v in (options or {}).items() if k != "seed"}  # the seed is the run's own
+    return f" ({', '.join(f'{k}={v}' for k, v in sorted(shown.items()))})" if shown else ""
+
+
+def model_label(r: dict[str, Any]) -> str:
+    """The model with the judge options that change its answers (the simulated judge's accuracy)."""
+    return _cell(r.get("model")) + options_label(r.get("judge_options"))
 
 
 def _queries(r: dict[str, Any]) -> str:
@@ -341,7 +358,7 @@ def table_blocks(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[
             _cell(r.get("candidates")),
             _method(r),
             _cell(r.get("judge")),
-            _cell(r.get("model")),
+            model_label(r),
             _queries(r),
             *[_recall(r, k) for k in RECALL_KS],
         ]
@@ -438,7 +455,7 @@ def table_blocks(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[
                     ]
                     for r in retrieved
                 ],
-                2,
+                set(range(2, 10)),
             )
         )
     return blocks

@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from db.models import (
     PENDING,
     RETRIEVAL_DONE,
     RETRIEVAL_FAILED,
+    RETRIEVAL_RUNNING,
     CandidateSet,
     Dataset,
     EmbeddingShard,
@@ -264,28 +266,28 @@ def _resume(s: Session, run: RetrievalRun, spec: RetrieveSpec, wanted: dict, sha
     )
 
 
-def enqueue(sf: sessionmaker[Session], run_id: int, only_unstarted: bool = False) -> int:
-    """Send every pending shard to the retrieval queue (after the commit that created it).
+def enqueue(sf: sessionmaker[Session], run_id: int, lost_after: float | None = None) -> int:
+    """Send the run's pending shards to the retrieval queue (after the commit that created them).
 
-    With no shard pending, send the top-K job instead. ``only_unstarted`` skips shards a worker
-    has claimed (a stall check must not duplicate work in progress). Returns the shards sent.
+    With no shard pending, send the top-K job instead. ``lost_after`` (seconds) limits the shards
+    to those no worker has claimed and that were enqueued longer ago than that: a stalled wait
+    re-sends only what the broker has most likely lost, never work in progress. Returns the
+    number of shards sent.
     """
     with sf() as s:
-        stmt = select(EmbeddingShard.id).where(
+        status = s.scalar(select(RetrievalRun.status).where(RetrievalRun.id == run_id))
+        pending = select(EmbeddingShard.id).where(
             EmbeddingShard.retrieval_run_id == run_id, EmbeddingShard.status == PENDING
         )
-        if only_unstarted:
-            stmt = stmt.where(EmbeddingShard.attempts == 0)
-        ids = list(s.scalars(stmt.order_by(EmbeddingShard.kind.desc(), EmbeddingShard.shard_index)))
-        any_pending = bool(
-            s.scalar(
-                select(func.count())
-                .select_from(EmbeddingShard)
-                .where(EmbeddingShard.retrieval_run_id == run_id, EmbeddingShard.status == PENDING)
+        any_pending = s.scalar(pending.limit(1)) is not None
+        if lost_after is not None:
+            cutoff = now() - timedelta(seconds=lost_after)
+            pending = pending.where(
+                EmbeddingShard.attempts == 0,
+                or_(EmbeddingShard.enqueued_at.is_(None), EmbeddingShard.enqueued_at < cutoff),
             )
-        )
-        status = s.scalar(select(RetrievalRun.status).where(RetrievalRun.id == run_id))
-    if status != "running":
+        ids = list(s.scalars(pending.order_by(EmbeddingShard.kind.desc(), EmbeddingShard.shard_index)))
+    if status != RETRIEVAL_RUNNING:
         return 0
     for shard_id in ids:
         app.send_task(EMBED_SHARD_TASK, args=[shard_id], queue=RETRIEVAL_QUEUE)
@@ -386,7 +388,7 @@ def wait_for_retrieval(
             if bar is not None:
                 bar.update(p.shards_done + p.shards_failed - bar.n)
                 bar.set_postfix(images=p.images_embedded, skipped=p.images_skipped)
-                if p.shards_pending == 0 and p.status == "running":
+                if p.shards_pending == 0 and p.status == RETRIEVAL_RUNNING:
                     bar.set_description(f"retrieve {p.name}: top-K")
             if p.status == RETRIEVAL_DONE:
                 return p

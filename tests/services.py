@@ -153,3 +153,10 @@ class PostgresServer:
     def restart(self) -> None:
         self.stop("fast")
         self.start()
+
+    def destroy(self) -> None:
+        """Stop the server and delete its cluster folder."""
+        try:
+            self.stop("immediate")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)

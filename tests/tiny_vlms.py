@@ -5,6 +5,8 @@ model classes, a local word-level tokenizer whose vocabulary covers the five pro
 checkpoints' chat templates, ``initializer_range=0.2`` so that silent bugs move the numbers by
 more than float noise. The folders go through the judges' real loading path
 (``from_pretrained`` on a folder). Build once per test session (``tiny_checkpoint``).
+``build_model(family, "7b", device="cuda", dtype=torch.bfloat16)`` gives the real checkpoints'
+shapes with random weights, in memory, for ``benchmarks/gpu_judge.py``.
 
 Imports torch and transformers: tests and benchmarks only.
 """
@@ -100,30 +102,64 @@ def build_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str)
     )
 
 
-def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 shapes in miniature: CLIP 32 px, patch 8, 16 tokens per image, Llama 2x64."""
+# CLIP's normalisation (llava-1.5 and Qwen2.5-VL preprocessors both use it).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def llava_parts(shapes: str = "tiny") -> tuple[LlavaConfig, LlavaProcessor]:
+    """Config and processor of LLaVA-1.5: ``tiny`` (CLIP 32 px, patch 8, 16 tokens per image,
+    Llama 2x64) or ``7b`` (llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px, 576 tokens, Llama-7B)."""
     tok = build_tokenizer(LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        initializer_range=0.2,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.2,
-    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if shapes == "tiny":
+        side, patch = 32, 8
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=side,
+            patch_size=patch,
+            initializer_range=0.2,
+        )
+        text = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+            **ids,
+        )
+    elif shapes == "7b":
+        side, patch = 336, 14
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=side,
+            patch_size=patch,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+        # The real vocabulary is 32064 rows; only the tiny tokenizer's ids are ever looked up.
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            **ids,
+        )
+    else:
+        raise ValueError(f"shapes must be tiny or 7b, not {shapes!r}")
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -133,39 +169,46 @@ def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
     )
     proc = LlavaProcessor(
         image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            do_center_crop=True,
+            resample=3,  # bicubic, as llava-1.5's preprocessor
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
         ),
         tokenizer=tok,
-        patch_size=8,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token="<image>",
         chat_template=LLAVA_TEMPLATE,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    return _save(folder, model, proc)
+    return cfg, proc
 
 
-def build_tiny_qwen(folder: Path, seed: int = 0) -> Path:
-    """Qwen2.5-VL shapes in miniature: windowed vision tower of 2 blocks, M-RoPE text model 2x64."""
+def qwen_parts(shapes: str = "tiny") -> tuple[Qwen2_5_VLConfig, Qwen2_5_VLProcessor]:
+    """Config and processor of Qwen2.5-VL: ``tiny`` (windowed vision tower of 2 blocks, M-RoPE
+    text model 2x64, 4-16 tokens per image) or ``7b`` (Qwen2.5-VL-7B-Instruct's shapes and pixel budget)."""
     tok = build_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     tid = tok.convert_tokens_to_ids
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
+    ids = dict(
+        bos_token_id=tid("<|endoftext|>"),  # as in the real checkpoint (no BOS is prepended)
+        eos_token_id=tid("<|im_end|>"),
+        pad_token_id=tid("<|endoftext|>"),
+    )
+    if shapes == "tiny":
+        text = dict(
             vocab_size=len(tok),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            bos_token_id=tid("<|endoftext|>"),  # as in the real checkpoint (no BOS is prepended)
-            eos_token_id=tid("<|im_end|>"),
-            pad_token_id=tid("<|endoftext|>"),
             initializer_range=0.2,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(
+            **ids,
+        )
+        vision = dict(
             depth=2,
             hidden_size=32,
             intermediate_size=64,
@@ -177,14 +220,54 @@ def build_tiny_qwen(folder: Path, seed: int = 0) -> Path:
             fullatt_block_indexes=[1],
             out_hidden_size=64,
             initializer_range=0.2,
-        ),
+        )
+        pixels = dict(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    elif shapes == "7b":
+        text = dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=128000,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            **ids,
+        )
+        vision = dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            out_hidden_size=3584,
+            hidden_act="silu",
+            tokens_per_second=2,
+        )
+        pixels = dict(min_pixels=3136, max_pixels=12845056)
+    else:
+        raise ValueError(f"shapes must be tiny or 7b, not {shapes!r}")
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
         image_token_id=tid("<|image_pad|>"),
         video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"),
         vision_end_token_id=tid("<|vision_end|>"),
     )
     px = dict(
-        min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28, patch_size=14, temporal_patch_size=2, merge_size=2
+        **pixels,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     )
     proc = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**px),
@@ -192,9 +275,35 @@ def build_tiny_qwen(folder: Path, seed: int = 0) -> Path:
         tokenizer=tok,
         chat_template=QWEN_TEMPLATE,
     )
+    return cfg, proc
+
+
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2.5-vl": Qwen2_5_VLForConditionalGeneration}
+PARTS = {"llava": llava_parts, "qwen2.5-vl": qwen_parts}
+
+
+def build_model(family: str, shapes: str = "tiny", seed: int = 0, device: str = "cpu", dtype=torch.float32):
+    """(model with random weights, processor), built in memory on ``device`` in ``dtype``."""
+    cfg, proc = PARTS[family](shapes)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    return _save(folder, model, proc)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = MODEL_CLASSES[family](cfg).eval()
+    finally:
+        torch.set_default_dtype(before)
+    return model, proc
+
+
+def build_tiny_llava(folder: Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA-1.5 checkpoint folder."""
+    return _save(folder, *build_model("llava", "tiny", seed))
+
+
+def build_tiny_qwen(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint folder."""
+    return _save(folder, *build_model("qwen2.5-vl", "tiny", seed))
 
 
 def _save(folder: Path, model, proc) -> Path:

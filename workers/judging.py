@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +71,18 @@ def failed(item_id: int, error: str) -> Outcome:
     return Outcome(item_id, FAILED, error=error[:2000])
 
 
-def resolve_image(root: str | Path, relative: str) -> Path:
-    """The image path under the dataset root; anything that escapes the root is refused."""
-    base = Path(root).resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base):
+@lru_cache(maxsize=200_000)
+def resolve_image(root: str, relative: str) -> Path:
+    """The image path under the dataset root; a path that escapes the root is refused.
+
+    Lexical (normpath), not realpath: it runs for every image of every judgment, and the
+    filesystem walk of ``Path.resolve`` cost more than the rest of a simulated judgment.
+    """
+    base = os.path.normpath(root)
+    path = os.path.normpath(os.path.join(base, relative))
+    if os.path.isabs(relative) or not path.startswith(base.rstrip(os.sep) + os.sep):
         raise ValueError(f"image path {relative!r} leaves the dataset root {base}")
-    return path
+    return Path(path)
 
 
 # Images already found readable in this process: each appears in many judgments.

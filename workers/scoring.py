@@ -19,9 +19,10 @@ class UnparsableAnswer(ValueError):
 
 def normalize(probs: Mapping[str, float], choices: tuple[str, ...]) -> dict[str, float]:
     """Renormalise the probabilities of ``choices`` to sum to one (uniform if all are zero)."""
-    values = [max(0.0, float(probs[c])) for c in choices]
-    if any(math.isnan(v) for v in values):
-        raise ValueError(f"NaN among choice probabilities {dict(probs)}")
+    raw = [float(probs[c]) for c in choices]
+    if not all(math.isfinite(v) for v in raw):  # check before clamping: max(0.0, nan) is 0.0
+        raise ValueError(f"non-finite choice probabilities {dict(probs)}")
+    values = [max(0.0, v) for v in raw]
     total = sum(values)
     if total <= 1e-12:
         return {c: 1.0 / len(choices) for c in choices}

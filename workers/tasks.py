@@ -76,12 +76,16 @@ def worker_name(task: Task) -> str:
 
 def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
     sessions = session_factory()
+    worker = worker_name(task)
     with sessions.begin() as s:
         inputs = judgment_inputs(s, kind, ids)
         runs = {r: run_info(s, r) for r in {i.run_id for i in inputs}}
+        # First delivery (the common case): count the attempt in the same transaction.
+        first_delivery = all(i.attempts == 0 for i in inputs)
+        if inputs and first_delivery:
+            claim(s, kind, [i.id for i in inputs], worker)
     if not inputs:
         return 0
-    worker = worker_name(task)
     stored = 0
     by_run: dict[int, list[JudgmentInput]] = defaultdict(list)
     for inp in inputs:
@@ -107,21 +111,24 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
                 run_id,
                 info.max_attempts,
             )
-        if any(i.attempts > 0 for i in live):
+        if not first_delivery:
             # A redelivery after a crash: judge one at a time so a poison item spends only its own attempts.
             for inp in live:
-                stored += _judge_and_store(sessions, kind, info, [inp], worker)
+                stored += _judge_and_store(sessions, kind, info, [inp], worker, claimed=False)
         elif live:
-            stored += _judge_and_store(sessions, kind, info, live, worker)
+            stored += _judge_and_store(sessions, kind, info, live, worker, claimed=True)
         _notify_coordinator(run_id, sorted({i.query_id for i in group}))
     record_served(stored, [{"judge": j.name, "model": j.model, "revision": j.revision} for j in loaded_judges()])
     return stored
 
 
-def _judge_and_store(sessions, kind: str, info: RunInfo, inputs: list[JudgmentInput], worker: str) -> int:
+def _judge_and_store(
+    sessions, kind: str, info: RunInfo, inputs: list[JudgmentInput], worker: str, claimed: bool
+) -> int:
     ids = [i.id for i in inputs]
-    with sessions.begin() as s:
-        claim(s, kind, ids, worker)
+    if not claimed:
+        with sessions.begin() as s:
+            claim(s, kind, ids, worker)
     prompt = load_prompt(info.prompt_name)
     revision = info.model_revision
     try:

@@ -86,7 +86,7 @@ class Stack:
             w.stop()
         self.engine.dispose()
         self.redis.stop()
-        self.pg.stop()
+        self.pg.destroy()
 
 
 def test_one_run_survives_every_fault(tmp_path, capsys):

@@ -8,7 +8,6 @@ loopback ports. Every test gets a fresh migrated database and an empty Redis.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +51,7 @@ def pg_server(tmp_path_factory) -> Iterator[PostgresServer | None]:
         return
     server = PostgresServer(None, free_port()).start()
     yield server
-    server.stop()
-    shutil.rmtree(server.directory, ignore_errors=True)
+    server.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_flower_lists_the_worker_and_counts_its_tasks(stack_env, dataset, worker
             status, body = get(base + "/api/workers?refresh=1", AUTH)
             metrics = get(base + "/metrics")[1]
             listed = status == 200 and node in json.loads(body)
-            counted = f'task="cvgl.judge_pairwise"' in metrics and f'worker="{node}"' in metrics
+            counted = 'task="cvgl.judge_pairwise"' in metrics and f'worker="{node}"' in metrics
             if listed and counted or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from matplotlib.collections import LineCollection
+from matplotlib.colors import to_hex
 from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -61,7 +62,9 @@ def _row(run_id, strategy, r1, r3, r5, r10, width=4.0, candidates="s4g"):
 def test_figure3_draws_each_runs_scores_as_densities(tmp_path):
     rng = np.random.default_rng(0)
     panels = [
-        ScorePanel("yes/no run", "yesno", rng.uniform(0.5, 1, 40).tolist(), rng.uniform(0, 0.5, 400).tolist()),
+        ScorePanel(
+            "yes/no run", "yesno", rng.uniform(0.5, 1, 40).tolist(), rng.uniform(0, 0.5, 400).tolist()
+        ),
         ScorePanel("likert run", "likert", [4.0, 4.5, 5.0], [1.0, 2.0, 2.5, 4.5]),
         ScorePanel("custom", "other", [7.0, 8.0], [1.0, 2.0]),
     ]
@@ -118,7 +121,10 @@ def test_figure4_bars_are_the_recalls_with_their_intervals(tmp_path):
 
 
 def test_figure4_names_candidate_sets_when_there_are_several():
-    rows = [_row(None, "baseline", 61.2, 73.8, 82.4, 88.0), _row(None, "baseline", 50, 60, 70, 80, candidates="b")]
+    rows = [
+        _row(None, "baseline", 61.2, 73.8, 82.4, 88.0),
+        _row(None, "baseline", 50, 60, 70, 80, candidates="b"),
+    ]
     labels = [t.get_text() for t in figure4_recall(rows).axes[0].get_yticklabels()]
     assert labels == ["baseline (stage 1) · b", "baseline (stage 1) · s4g"]
 
@@ -157,7 +163,12 @@ def test_figure5_marks_the_true_tile_and_outlines_the_rerankers_choice(tmp_path)
     dashed = [
         i
         for i, ax in enumerate(axes)
-        if any(isinstance(p, Rectangle) and p.get_linestyle() == "--" for p in ax.patches)
+        if any(
+            isinstance(p, Rectangle)
+            and p.get_linestyle() == "--"
+            and to_hex(p.get_edgecolor()) == TRUE_COLOUR
+            for p in ax.patches
+        )
     ]
     assert dashed == [3, 7]
     assert "reranker's top-1" in axes[12].get_xlabel()
@@ -175,8 +186,6 @@ def test_figure5_marks_the_true_tile_and_outlines_the_rerankers_choice(tmp_path)
 
 
 def ax_colour(ax) -> str:
-    from matplotlib.colors import to_hex
-
     return to_hex(ax.spines["top"].get_edgecolor())
 
 
@@ -249,3 +258,50 @@ def test_page_holds_the_tables_notes_and_figures(tmp_path):
     assert "<strong>82.40 [78.4, 84.4]</strong>" in page  # best R@5 is the baseline's
     assert "McNemar p" in page and "0.040" in page
     assert page.count("<table>") == 2  # no cost columns in these rows: no cost table
+
+
+def _tested_row():
+    row = _row(3, "pairwise", 64.8, 84.8, 80.0, 91.0)
+    row.update(
+        n_finished=500,
+        top1_fixed=30,
+        top1_broken=12,
+        mcnemar_p=0.0004,
+        judgments_per_query_mean=52.25,
+        judgments_per_query_max=69,
+        failed_judgments=2,
+        reused_judgments=0,
+        gpu_seconds_per_query=1.5,
+        model_revision="abc123",
+        prompt_sha256="f" * 64,
+        **{f"delta@{k}": 3.6 for k in (1, 3, 5, 10)},
+        **{f"delta@{k}_ci_low": 0.8 for k in (1, 3, 5, 10)},
+        **{f"delta@{k}_ci_high": 6.4 for k in (1, 3, 5, 10)},
+        **{f"delta@{k}_p": 0.012 for k in (1, 3, 5, 10)},
+    )
+    return row
+
+
+def test_table_markdown_and_csv_render_the_statistics():
+    from orchestrator.report import format_rows
+
+    rows = [_row(None, "baseline", 61.2, 73.8, 82.4, 88.0), _tested_row()]
+    table = format_rows(rows, "table", ["a note"])
+    assert table.startswith("Table 1. Recall@k (%) [confidence interval]")
+    assert "64.80 [60.8, 66.8]" in table
+    assert "+3.60 [+0.8, +6.4] p=0.012" in table and "<0.001" in table
+    assert "52.2   69" in table and "1.500" in table
+    assert "  ffffffffffff\n" in table and "f" * 13 not in table  # the prompt hash, shortened
+    assert table.rstrip().endswith("note: a note")
+    md = format_rows(rows, "markdown", ["a note"])
+    assert "| 3 | s4g | pairwise/pairwise | simulated |" in md
+    assert "**64.80 [60.8, 66.8]**" in md and "**82.40 [78.4, 84.4]**" in md
+    assert md.rstrip().endswith("- a note")
+    lines = format_rows(rows, "csv").splitlines()
+    header = lines[0].split(",")
+    assert header[:7] == ["run_id", "candidates", "strategy", "prompt", "judge", "model", "n_queries"]
+    values = dict(zip(header, lines[2].split(","), strict=True))
+    assert values["mcnemar_p"] == "0.0004" and values["recall@1_ci_low"] == "60.8"
+    assert values["prompt_sha256"] == "f" * 64
+    with pytest.raises(ValueError, match="unknown format"):
+        format_rows(rows, "xml")

@@ -41,7 +41,15 @@ def _count(model) -> int:
 
 def test_help_names_the_sample4geo_options():
     out = run("retrieve", "--help").output
-    for option in ("--checkpoint", "--random-init", "--model", "--k", "--name", "--batch-size", "--shard-size"):
+    for option in (
+        "--checkpoint",
+        "--random-init",
+        "--model",
+        "--k",
+        "--name",
+        "--batch-size",
+        "--shard-size",
+    ):
         assert option in out
     assert "convnext_base.fb_in22k_ft_in1k_384" in out
 
@@ -80,7 +88,9 @@ def test_a_candidate_set_of_the_same_name_is_refused(ingested):
 def test_shards_cover_every_tile_and_query_once_in_gallery_order(ingested, tmp_path, monkeypatch):
     monkeypatch.setenv(store.EMBEDDINGS_DIR_ENV, str(tmp_path / "emb"))
     with session_factory().begin() as s:
-        prepared = create_or_resume(s, RetrieveSpec(name="r", random_init=True, shard_size=7, model="convnext_atto"))
+        prepared = create_or_resume(
+            s, RetrieveSpec(name="r", random_init=True, shard_size=7, model="convnext_atto")
+        )
     assert prepared.created and prepared.status == "running"
     with session_factory()() as s:
         run_row = s.get(RetrievalRun, prepared.run_id)

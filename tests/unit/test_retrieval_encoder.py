@@ -25,6 +25,15 @@ MODEL = "convnext_atto"  # the smallest timm ConvNeXt: same family and head as C
 IMG = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Two cores shared by several test runs: a second intra-op thread only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, list[Path]]:
     root = synthetic_dataset(tmp_path_factory.mktemp("vigor") / "VIGOR", n_queries=4, image_size=32)
@@ -118,7 +127,9 @@ def test_a_bare_timm_state_dict_is_refused_with_a_hint(trained, tmp_path):
 
 def test_another_architecture_with_the_same_keys_fails_on_shapes(trained, tmp_path):
     path = _save(build_model("convnext_femto").state_dict(), tmp_path / "femto.pth")
-    with pytest.raises(CheckpointError, match=r"differ in shape .*model\.stem\.0\.weight \(48, 3, 4, 4\) vs \(40, 3, 4, 4\)"):
+    with pytest.raises(
+        CheckpointError, match=r"differ in shape .*model\.stem\.0\.weight \(48, 3, 4, 4\) vs \(40, 3, 4, 4\)"
+    ):
         load_sample4geo_checkpoint(build_model(MODEL), path, MODEL)
 
 

@@ -79,7 +79,9 @@ def test_float16_embeddings_are_ranked_in_float32():
     rng = np.random.default_rng(0)
     q, g = _unit(rng, 5, 16).astype(np.float16), _unit(rng, 40, 16).astype(np.float16)
     out = rank_gallery(q, g, 10)
-    top, _, _ = _reference(q.astype(np.float32), g.astype(np.float32), 10, np.zeros(5, int), np.full((5, 1), -1))
+    top, _, _ = _reference(
+        q.astype(np.float32), g.astype(np.float32), 10, np.zeros(5, int), np.full((5, 1), -1)
+    )
     np.testing.assert_array_equal(out.indices, top)
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.synth import positive_ranks, write_synthetic_vigor
-from orchestrator.vigor import VigorFormatError, parse_label_line, parse_panorama_name, parse_satellite_name, read_vigor
+from orchestrator.vigor import (
+    VigorFormatError,
+    parse_label_line,
+    parse_panorama_name,
+    parse_satellite_name,
+    read_vigor,
+)
 from tests.builders import candidates_from_csv, positives_from_files, recall_at
 
 REAL_LINE = (

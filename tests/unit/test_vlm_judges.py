@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from db.models import DONE, FAILED
+from orchestrator.cli import cli
 from tests.tiny_vlms import build_tiny_llava, tiny_checkpoint
 from workers import judging, scoring
 from workers.judges.base import JudgeRequest
@@ -38,6 +40,15 @@ from workers.prompts import PAIR, load_prompt
 
 FAMILIES = ["llava", "qwen2.5-vl"]
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: two spinning OpenMP threads make each call ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +133,24 @@ def test_loads_from_a_folder_with_a_stable_revision(family, checkpoints, judges,
     assert folder_revision(other) != folder_revision(tmp_path / "copy")
 
 
+def test_a_hub_id_loads_offline_from_the_cache_and_stores_its_commit(checkpoints, tmp_path, monkeypatch):
+    """The hub path as a GPU worker without internet takes it: HF_HUB_OFFLINE=1, weights in the cache."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llava"
+    shutil.copytree(checkpoints["llava"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    judge = load_judge("llava", "acme/tiny-llava", "main", device="cpu")
+    assert judge.revision == commit and judge.model == "acme/tiny-llava"
+    snapshot = load_judge("llava", str(repo / "snapshots" / commit), None, device="cpu")
+    assert snapshot.revision == commit  # a folder inside the cache is named by its commit too
+    with pytest.raises(OSError):
+        load_judge("llava", "acme/not-cached", "main", device="cpu")
+
+
 def test_a_checkpoint_of_another_family_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="'llava' checkpoint, not Qwen2.5-VL"):
         load_judge("qwen2.5-vl", str(checkpoints["llava"]), None, device="cpu")
@@ -134,6 +163,15 @@ def test_a_checkpoint_of_another_family_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         check_model_folder("llava", str(tmp_path / "missing"))
     check_model_folder("llava", "llava-hf/llava-1.5-7b-hf")  # a hub id is checked by the worker
+
+
+def test_submit_refuses_a_folder_of_another_family_in_one_line(checkpoints):
+    result = CliRunner().invoke(
+        cli, ["submit", "--judge", "qwen2.5-vl", "--model", str(checkpoints["llava"])], catch_exceptions=False
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+    assert "'llava' checkpoint, not Qwen2.5-VL" in result.output
 
 
 def test_settings_come_from_arguments_then_environment(monkeypatch):
@@ -329,11 +367,11 @@ def test_every_prompt_mode_runs_and_stores_what_it_read(family, judges, images):
     assert all(o.result["first_wins"] == (o.result["p_first"] >= o.result["p_second"]) for o in out)
     # Direct and the paper's pairwise decoding parse text: a random model's text is mostly not a score.
     for name, decode in (("direct", "choices"), ("pairwise", "generate")):
-        reqs = pointwise(images, "direct", PAIRS[:3]) if name == "direct" else pairwise(images, TRIPLES[:3])
+        reqs = pointwise(images, "direct", PAIRS[:2]) if name == "direct" else pairwise(images, TRIPLES[:2])
         for o in judging.run_batch(judge, load_prompt(name), items(reqs), decode=decode):
             assert o.raw_output  # kept either way
             assert o.status == DONE or (o.status == FAILED and o.error.startswith("unparsable answer"))
-    out = judging.run_batch(judge, load_prompt("reason"), items(pointwise(images, "reason", PAIRS[:2])))
+    out = judging.run_batch(judge, load_prompt("reason"), items(pointwise(images, "reason", PAIRS[:1])))
     for o in out:
         reasoning, probs = o.raw_output.rsplit("\n", 1)
         assert o.status == DONE and reasoning and set(json.loads(probs)) == {"Yes", "No"}
@@ -402,3 +440,11 @@ def test_a_request_with_the_wrong_number_of_images_is_refused(judges, images):
     req = JudgeRequest(p.text, (images["g0"], images["t0"]), p.spec.answer_prefix)
     with pytest.raises(ValueError, match="3 image slots for 2 images"):
         judges[("llava", True)].choice_probs([req], PAIR)
+
+
+def test_non_finite_logits_fail_instead_of_scoring(checkpoints, images):
+    judge = load_judge("llava", str(checkpoints["llava"]), None, device="cpu")
+    with torch.no_grad():
+        judge.hf.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        judge.choice_probs(pointwise(images, "yesno", PAIRS[:1]), ("Yes", "No"))

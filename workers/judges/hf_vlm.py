@@ -22,8 +22,8 @@ Answer token ids always come from the loaded tokenizer (``answer_token_ids``), n
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import logging
 import os
 import re
@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import AutoConfig, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, AutoProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from workers.judges.base import JudgeRequest
@@ -218,7 +218,7 @@ class ImageFeatures:
     """One image as the language model sees it: projected vision features (and Qwen's grid)."""
 
     embeds: torch.Tensor  # [tokens, hidden], on the model's device and dtype
-    grid_thw: torch.Tensor | None = None  # Qwen2.5-VL: (t, h, w) patches before merging
+    grid_thw: torch.Tensor | None = None  # Qwen2.5-VL: (t, h, w) patches before merging, on the CPU
 
     @property
     def n_tokens(self) -> int:
@@ -418,8 +418,8 @@ class HFVisionJudge:
         raise NotImplementedError
 
     def position_ids(self, ids: torch.Tensor, feats: list[ImageFeatures]) -> torch.Tensor:
-        """Positions of one unpadded row as [position_dims, length]."""
-        return torch.arange(ids.shape[0], device=ids.device).unsqueeze(0)
+        """Positions of one unpadded row (CPU ids) as [position_dims, length]."""
+        return torch.arange(ids.shape[0]).unsqueeze(0)
 
     # -- Judge protocol ---------------------------------------------------------------------------
 
@@ -436,9 +436,12 @@ class HFVisionJudge:
             for start in range(0, len(order), self.settings.batch_size):
                 part = order[start : start + self.settings.batch_size]
                 logprobs = self.next_token_logprobs([rows[i] for i in part])
-                for j, i in enumerate(part):
-                    picked = logprobs[j, rows[i].answer_ids].exp().tolist()
-                    out[i] = dict(zip(choices, picked, strict=True))
+                if not torch.isfinite(logprobs).all():  # e.g. an fp16 overflow: never a silent verdict
+                    raise FloatingPointError("the model's next-token log-probabilities are not finite")
+                ids = torch.tensor([rows[i].answer_ids for i in part], device=logprobs.device)
+                picked = logprobs.gather(1, ids).exp().tolist()
+                for i, values in zip(part, picked, strict=True):
+                    out[i] = dict(zip(choices, values, strict=True))
             return out
 
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]:
@@ -446,12 +449,13 @@ class HFVisionJudge:
         with self._lock:
             rows = [self._row(r, None) for r in requests]
             texts: list[str] = []
-            config = GenerationConfig(
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.hf.generation_config.eos_token_id,
-            )
+            # The checkpoint's own settings (e.g. Qwen's repetition_penalty 1.05) apply, as they do
+            # in the paper's code; decoding is greedy, so the sampling knobs are cleared.
+            config = copy.deepcopy(self.hf.generation_config)
+            config.max_new_tokens = max_new_tokens
+            config.do_sample = False
+            config.temperature = config.top_p = config.top_k = None
+            config.pad_token_id = self.pad_token_id
             for start in range(0, len(rows), self.settings.batch_size):
                 part = rows[start : start + self.settings.batch_size]
                 inputs = self._processor_inputs(part)
@@ -471,8 +475,8 @@ class HFVisionJudge:
 
     def _logprobs_plain(self, rows: list[_Row]) -> torch.Tensor:
         inputs = self._processor_inputs(rows)
-        with torch.inference_mode():
-            logits = self.hf(**inputs, logits_to_keep=1).logits[:, -1]
+        with torch.inference_mode():  # no cache: only the last position is read
+            logits = self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         return logits.float().log_softmax(-1)
 
     def _processor_inputs(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
@@ -517,6 +521,7 @@ class HFVisionJudge:
             cache = out.cache
             select = torch.tensor(row_group, device=self.device)
             cache.batch_select_indices(select)
+            _keep_prefix_only(cache)
             prefix_mask = p_mask[select]
             cache_kw["cache"] = cache
 
@@ -541,30 +546,33 @@ class HFVisionJudge:
 
     def _prefix_end(self, ids: torch.Tensor) -> int:
         """Index just after the first image's tokens (the ground panorama); 0 if there is none."""
-        where = (ids == self.image_token_id).nonzero().flatten()
-        if where.numel() == 0:
+        is_image = ids == self.image_token_id
+        if not bool(is_image.any()):
             return 0
-        end = int(where[0])
-        while end < ids.shape[0] and int(ids[end]) == self.image_token_id:
-            end += 1
-        return end
+        start = int(is_image.to(torch.uint8).argmax())
+        after = (~is_image[start:]).nonzero()
+        return start + int(after[0]) if after.numel() else int(ids.shape[0])
 
     def _pad(
         self, parts: list[tuple[torch.Tensor, torch.Tensor, Any]], left: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack (ids, positions) rows, padded on the left or right, with their attention mask."""
+        """Stack (ids, positions) rows, padded on the left or right, with their attention mask.
+
+        Built on the CPU (where the rows are) and moved to the model's device in one copy each.
+        """
         width = max(p[0].shape[0] for p in parts)
         n = len(parts)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
-        pos = torch.ones((self.position_dims, n, width), dtype=torch.long, device=self.device)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.ones((self.position_dims, n, width), dtype=torch.long)
         for r, (row_ids, row_pos, _) in enumerate(parts):
             k = row_ids.shape[0]
             span = slice(width - k, width) if left else slice(0, k)
             ids[r, span] = row_ids
             mask[r, span] = 1
             pos[:, r, span] = row_pos
-        return ids, mask, (pos[0] if self.position_dims == 1 else pos)
+        pos = pos[0] if self.position_dims == 1 else pos
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
 
     @staticmethod
     def _mm(feats: list[ImageFeatures]) -> dict[str, BaseModelOutputWithPooling] | None:
@@ -608,7 +616,7 @@ class HFVisionJudge:
                 out.append(self.image_token * image.n_tokens + piece)
             texts.append("".join(out))
         encoded = self.tokenizer(texts)["input_ids"]
-        return [torch.tensor(e, dtype=torch.long, device=self.device) for e in encoded]
+        return [torch.tensor(e, dtype=torch.long) for e in encoded]  # CPU: bookkeeping only
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -635,16 +643,24 @@ class HFVisionJudge:
         return _Row(scored, request.images, ids)
 
 
-def describe(judge: HFVisionJudge) -> str:
-    """One line for logs and benchmarks."""
-    return json.dumps(
-        {
-            "judge": judge.name,
-            "model": judge.model,
-            "revision": judge.revision,
-            "device": judge.settings.device,
-            "dtype": judge.settings.dtype,
-            "batch_size": judge.settings.batch_size,
-            "reuse": judge.settings.reuse,
-        }
-    )
+def _keep_prefix_only(cache: Any) -> None:
+    """Let the suffix pass attend to the cached prefix without storing its own keys and values.
+
+    A DynamicLayer appends every update, so the suffix of a whole batch would stay in memory
+    until the pass ends (about 0.5 MB per token for a 7B Llama); reading and not keeping is
+    the same arithmetic. Layers of another kind keep their own behaviour.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    def read_only(layer: Any) -> Any:
+        def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            return (
+                torch.cat([layer.keys, key_states], dim=-2),
+                torch.cat([layer.values, value_states], dim=-2),
+            )
+
+        return update
+
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            layer.update = read_only(layer)

@@ -9,7 +9,6 @@ tokens (CLIP ViT-L/14 at 336 px, centre-cropped square, CLS dropped) of projecte
 
 from __future__ import annotations
 
-import torch
 from PIL import Image
 
 from workers.judges.hf_vlm import HFVisionJudge, ImageFeatures
@@ -33,6 +32,3 @@ class LlavaJudge(HFVisionJudge):
             pixel_values=pixels.to(self.device, self.dtype), return_dict=True
         )
         return [ImageFeatures(embeds=f.to(self.dtype)) for f in out.pooler_output]
-
-    def position_ids(self, ids: torch.Tensor, feats: list[ImageFeatures]) -> torch.Tensor:
-        return torch.arange(ids.shape[0], device=ids.device).unsqueeze(0)

@@ -31,9 +31,9 @@ class QwenVLJudge(HFVisionJudge):
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
         processed = self.processor.image_processor(images=images, return_tensors="pt")
-        grid = processed["image_grid_thw"].to(self.device)
+        grid = processed["image_grid_thw"]
         out = self.hf.model.get_image_features(
-            processed["pixel_values"].to(self.device, self.dtype), grid, return_dict=True
+            processed["pixel_values"].to(self.device, self.dtype), grid.to(self.device), return_dict=True
         )
         return [
             ImageFeatures(embeds=f.to(self.dtype), grid_thw=g)

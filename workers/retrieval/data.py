@@ -10,7 +10,9 @@ cannot be decoded becomes an error naming it, never an exception that stops the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +135,26 @@ def _init_loader_worker(_worker_id: int) -> None:
     # One decode per process; OpenCV's own thread pool would oversubscribe the cores.
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+@contextmanager
+def child_processes_allowed() -> Iterator[None]:
+    """Let a daemonic process start DataLoader workers (Celery's prefork pool children are daemonic).
+
+    multiprocessing refuses children of a daemon so that none outlive it; DataLoader workers
+    already exit when their parent dies (torch's worker watchdog), so the flag is lifted while
+    the loader starts them.
+    """
+    process = multiprocessing.current_process()
+    daemon = process._config.get("daemon")
+    process._config["daemon"] = False
+    try:
+        yield
+    finally:
+        if daemon is None:
+            process._config.pop("daemon", None)
+        else:
+            process._config["daemon"] = daemon
 
 
 def make_loader(

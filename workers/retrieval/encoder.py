@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.retrieval.data import make_loader, normalize
+from workers.retrieval.data import child_processes_allowed, make_loader, normalize
 from workers.retrieval.store import file_sha256
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,9 @@ class Encoder:
         index_parts: list[torch.Tensor] = []
         feature_parts: list[torch.Tensor] = []
         errors: dict[int, str] = {}
-        for batch in loader:
+        with child_processes_allowed():
+            batches = iter(loader)  # starts the loader's worker processes
+        for batch in batches:
             errors.update(batch.errors)
             if len(batch.index):
                 feature_parts.append(self.embed_pixels(batch.pixels))

@@ -1,0 +1,160 @@
+"""Full-stack throughput: judgments stored per second through orchestrator, coordinator, Redis,
+PostgreSQL and Celery workers, with the simulated judge answering instantly.
+
+    python benchmarks/throughput.py [--queries 1000] [--workers 2] [--coordinators 1] [--batch-size 256] [--repeats 3]
+
+Starts its own Redis and PostgreSQL on free loopback ports (as the tests do), a synthetic dataset,
+judgment and coordination worker processes, then times pairwise runs from submit to done (median of
+``--repeats``). In the same session it times a raw Celery no-op task with the same settings (late
+acks, prefetch 1) at 1 and 50 items per task, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from celery import Celery  # noqa: E402
+
+from tests.services import PostgresServer, RedisServer, free_port  # noqa: E402
+
+noop_app = Celery("cvgl-bench")
+noop_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_reject_on_worker_lost=True,
+                     task_ignore_result=True, accept_content=["json"], task_serializer="json",
+                     broker_url=os.environ.get("CVGL_BENCH_BROKER", "memory://"))
+
+
+@noop_app.task(name="bench.noop")
+def noop(items: list[int]) -> int:
+    import redis
+
+    r = redis.Redis.from_url(noop_app.conf.broker_url)
+    r.incrby("bench:done", len(items))
+    return len(items)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    fh = log.open("ab")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while b"ready." not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(log.read_text()[-2000:])
+        time.sleep(0.1)
+    return proc
+
+
+def orchestrator(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    return out.stdout
+
+
+def raw_celery_rate(env: dict[str, str], work: Path, n_tasks: int, items: int) -> float:
+    import redis
+
+    env = {**env, "CVGL_BENCH_BROKER": env["CVGL_BROKER_URL"]}
+    noop_app.conf.broker_url = env["CVGL_BROKER_URL"]
+    r = redis.Redis.from_url(env["CVGL_BROKER_URL"])
+    r.delete("bench:done")
+    worker = start([sys.executable, "-m", "celery", "-A", "benchmarks.throughput:noop_app", "worker", "-P", "prefork",
+                    "-c", "1", "-Q", "bench", "-n", f"bench{items}@%h", "--without-gossip", "--without-mingle",
+                    "--loglevel", "INFO"],
+                   env, work / f"noop{items}.log")
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n_tasks):
+            noop.apply_async(args=[list(range(items))], queue="bench")
+        while int(r.get("bench:done") or 0) < n_tasks * items:
+            time.sleep(0.01)
+        return n_tasks * items / (time.perf_counter() - t0)
+    finally:
+        worker.terminate()
+        worker.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=2, help="judgment worker processes")
+    ap.add_argument("--coordinators", type=int, default=1, help="coordination worker processes")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cvgl-bench-"))
+    redis_srv = RedisServer(work / "redis", free_port()).start(appendonly=False)
+    pg = PostgresServer(None, free_port()).start()
+    procs: list[subprocess.Popen] = []
+    try:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(pg.admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text("CREATE DATABASE cvgl"))
+        admin.dispose()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CVGL_")}
+        env.update(CVGL_DATABASE_URL=pg.url("cvgl"), CVGL_BROKER_URL=redis_srv.url, CVGL_HOME=str(work / "home"),
+                   PYTHONPATH=str(REPO))
+        orchestrator(env, "migrate")
+        orchestrator(env, "synth", str(work / "VIGOR"), "--queries", str(args.queries), "--image-size", "16")
+        orchestrator(env, "ingest", str(work / "VIGOR"))
+        orchestrator(env, "import-candidates", str(work / "VIGOR" / "candidates.csv"), "--name", "bench")
+        procs.append(start([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "prefork", "-c",
+                            str(args.workers), "-Q", "vlm.simulated", "-n", "judge@%h", "--without-gossip",
+                            "--without-mingle", "--loglevel", "INFO"], env, work / "judge.log"))
+        procs.append(start([sys.executable, "-m", "celery", "-A", "orchestrator.tasks", "worker", "-P", "prefork",
+                            "-c", str(args.coordinators), "-Q", "coordination", "-n", "coord@%h", "--without-gossip",
+                            "--without-mingle", "--loglevel", "INFO"], env, work / "coord.log"))
+        from sqlalchemy import func, select
+
+        from db.models import PairwiseVerdict
+
+        engine = create_engine(pg.url("cvgl"))
+        rates = []
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            run_id = orchestrator(env, "submit", "--strategy", "pairwise", "--all-queries", "--seed", str(i),
+                                  "--accuracy", "0.9", "--batch-size", str(args.batch_size), "--no-reuse",
+                                  "--wait").split()[-1]
+            elapsed = time.perf_counter() - t0
+            with engine.connect() as c:
+                n = c.scalar(select(func.count()).select_from(PairwiseVerdict)
+                             .where(PairwiseVerdict.run_id == int(run_id)))
+            rates.append(n / elapsed)
+            print(f"run {run_id}: {n} judgments in {elapsed:.1f} s = {n / elapsed:,.0f} judgments/s", flush=True)
+        engine.dispose()
+        for p in procs:
+            p.terminate()
+            p.wait()
+        procs.clear()
+        raw1 = raw_celery_rate(env, work, 2000, 1)
+        raw50 = raw_celery_rate(env, work, 400, 50)
+        median = statistics.median(rates)
+        print(f"\nwhole stack, {args.queries} queries x K=20 pairwise (merge sort), batch {args.batch_size}, "
+              f"{args.workers} judgment + {args.coordinators} coordination worker processes on {os.cpu_count()} cores:")
+        print(f"  median {median:,.0f} judgments stored/s over {args.repeats} runs ({', '.join(f'{r:,.0f}' for r in rates)})")
+        print(f"  raw Celery no-op, late acks, prefetch 1: {raw1:,.0f} tasks/s at 1 item; {raw50:,.0f} items/s at 50 items")
+        print(f"  ratio whole stack / raw Celery: {median / raw1:.1f}x the 1-item task rate, "
+              f"{median / raw50:.2f}x the 50-item rate")
+    finally:
+        for p in procs:
+            p.kill()
+        redis_srv.stop()
+        pg.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
