@@ -74,12 +74,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--img-size", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--n-images", type=int, default=48, help="images per view (written once, embedded per repeat)")
+    ap.add_argument(
+        "--n-images", type=int, default=48, help="images per view (written once, embedded per repeat)"
+    )
     ap.add_argument("--loader-workers", type=int, default=None, help="default: all cores but one (max 16)")
     ap.add_argument("--bf16", action="store_true", help="autocast in bf16 (CUDA; CPU stays fp32)")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gallery", type=int, default=4_656, help="top-K: gallery rows (VIGOR cross-area: 46,563)")
+    ap.add_argument(
+        "--gallery", type=int, default=4_656, help="top-K: gallery rows (VIGOR cross-area: 46,563)"
+    )
     ap.add_argument("--queries", type=int, default=2_000, help="top-K: query rows (cross-area test: ~52,000)")
     ap.add_argument("--k", type=int, default=20)
     args = ap.parse_args()

@@ -34,13 +34,46 @@ noop_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_rej
                      broker_url=os.environ.get("CVGL_BENCH_BROKER", "memory://"))
 
 
+_counter = None
+
+
 @noop_app.task(name="bench.noop")
 def noop(items: list[int]) -> int:
-    import redis
+    """Does one Redis INCRBY (the anchor measurement in shared/notes/queue-and-db.md)."""
+    global _counter
+    if _counter is None:
+        import redis
 
-    r = redis.Redis.from_url(noop_app.conf.broker_url)
-    r.incrby("bench:done", len(items))
+        _counter = redis.Redis.from_url(noop_app.conf.broker_url)
+    _counter.incrby("bench:done", len(items))
     return len(items)
+
+
+def cpu_seconds(procs: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) used so far by each named group of processes and their children."""
+    import psutil
+
+    out = {}
+    for name, pids in procs.items():
+        total = 0.0
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                t = p.cpu_times()
+                total += t.children_user + t.children_system  # children that already exited
+                for q in [p, *p.children(recursive=True)]:
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+        out[name] = total
+    return out
+
+
+def service_pids(redis_pid: int, pg_data: Path) -> dict[str, list[int]]:
+    """This benchmark's own servers: the postmaster (its backends are children) and Redis."""
+    postmaster = int((pg_data / "postmaster.pid").read_text().split()[0])
+    return {"postgres": [postmaster], "redis": [redis_pid]}
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -123,7 +156,9 @@ def main() -> None:
 
         engine = create_engine(pg.url("cvgl"))
         rates = []
+        groups = {"judgment workers": [procs[0].pid], "coordinator": [procs[1].pid]}
         for i in range(args.repeats):
+            before = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
             t0 = time.perf_counter()
             run_id = orchestrator(env, "submit", "--strategy", "pairwise", "--all-queries", "--seed", str(i),
                                   "--accuracy", "0.9", "--batch-size", str(args.batch_size), "--no-reuse",
@@ -133,7 +168,11 @@ def main() -> None:
                 n = c.scalar(select(func.count()).select_from(PairwiseVerdict)
                              .where(PairwiseVerdict.run_id == int(run_id)))
             rates.append(n / elapsed)
+            after = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
+            used = {k: after[k] - before.get(k, 0.0) for k in after}
+            share = ", ".join(f"{k} {v:.1f} s ({1e6 * v / n:.0f} us/judgment)" for k, v in used.items())
             print(f"run {run_id}: {n} judgments in {elapsed:.1f} s = {n / elapsed:,.0f} judgments/s", flush=True)
+            print(f"  CPU time: {share}; the orchestrator polls only", flush=True)
         engine.dispose()
         for p in procs:
             p.terminate()

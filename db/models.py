@@ -195,8 +195,6 @@ class PairwiseVerdict(_JudgmentColumns, Base):
         CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
         CheckConstraint("tile_first <> tile_second", name="distinct_tiles"),
         Index("ix_pairwise_verdicts_run_status", "run_id", "status"),
-        # Finds a verdict already stored for the same query and tiles by any run (judgment reuse).
-        Index("ix_pairwise_verdicts_query_tiles", "query_id", "tile_first", "tile_second"),
     )
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"))
@@ -218,7 +216,6 @@ class PointwiseScore(_JudgmentColumns, Base):
         UniqueConstraint("run_id", "query_id", "tile_id"),
         CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),
         Index("ix_pointwise_scores_run_status", "run_id", "status"),
-        Index("ix_pointwise_scores_query_tile", "query_id", "tile_id"),
     )
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"))
@@ -260,7 +257,9 @@ class RetrievalRun(Base):
     embed_dim: Mapped[int | None] = mapped_column(Integer)
     n_gallery: Mapped[int | None] = mapped_column(Integer)  # tiles with an embedding, set by the top-K job
     candidate_set_id: Mapped[int | None] = mapped_column(ForeignKey("candidate_sets.id", ondelete="SET NULL"))
-    status: Mapped[str] = mapped_column(String(16), default=RETRIEVAL_RUNNING, server_default=RETRIEVAL_RUNNING)
+    status: Mapped[str] = mapped_column(
+        String(16), default=RETRIEVAL_RUNNING, server_default=RETRIEVAL_RUNNING
+    )
     error: Mapped[str | None] = mapped_column(Text)
     params: Mapped[dict] = mapped_column(JSON, default=dict)  # normalisation, devices, timings
     created_at: Mapped[datetime] = _now()

@@ -1,4 +1,5 @@
-"""The ``orchestrator`` command: synth, ingest, import candidates, submit, status, resume, report, figures, demo.
+"""The ``orchestrator`` command: synth, ingest, import-candidates, retrieve, submit, status, resume,
+report, figures, worker, coordinator, migrate, demo.
 
 One short function per command; domain errors become one-line ``click.ClickException``s (exit 1).
 ``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` select PostgreSQL and Redis; unset, the command runs
@@ -211,9 +212,19 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
 )
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Candidates per query.")
 @click.option("--name", required=True, help="Name of the retrieval run and of the candidate set it writes.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per forward pass.")
 @click.option(
-    "--shard-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Images per task and file."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Images per forward pass.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Images per task and file.",
 )
 @click.option(
     "--img-size",
@@ -225,7 +236,9 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the --random-init weights.")
 @click.option("--dataset", default=None, help="Dataset root or name (default: the only one ingested).")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the shards until the top-K is stored.")
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Follow the shards until the top-K is stored."
+)
 @user_errors
 def retrieve(
     checkpoint: Path | None,
@@ -269,7 +282,9 @@ def retrieve(
     if random_init:
         click.echo(f"warning: --random-init: {name!r} embeds with untrained weights (seed {seed})", err=True)
     if not prepared.created and prepared.status != "done":
-        click.echo(f"resuming retrieval run {name!r} (id {prepared.run_id}): stored shards are kept", err=True)
+        click.echo(
+            f"resuming retrieval run {name!r} (id {prepared.run_id}): stored shards are kept", err=True
+        )
     try:
         if prepared.status == "done":
             pass
@@ -282,7 +297,9 @@ def retrieve(
         else:
             sent = stage1.enqueue(sf, prepared.run_id)
             if not wait:
-                click.echo(f"retrieval run {name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`")
+                click.echo(
+                    f"retrieval run {name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`"
+                )
                 return
             stage1.wait_for_retrieval(
                 sf,
@@ -293,7 +310,9 @@ def retrieve(
     except stage1.RetrievalFailed as exc:
         raise click.ClickException(str(exc)) from exc
     with sf() as s:
-        lines = stage1.describe(stage1.retrieval_progress(s, prepared.run_id), stage1.run_summary(s, prepared.run_id))
+        lines = stage1.describe(
+            stage1.retrieval_progress(s, prepared.run_id), stage1.run_summary(s, prepared.run_id)
+        )
     click.echo("\n".join(lines))
 
 
@@ -482,8 +501,13 @@ def _drive(
     start()
     if not wait:
         return None
+    # Poll once a second: each poll counts the run's judgments, which is work for the database.
     return wait_for_run(
-        sf, run_id, on_stall=lambda: reconcile(run_id, _stall_seconds(), sf), stall_seconds=_stall_seconds()
+        sf,
+        run_id,
+        on_stall=lambda: reconcile(run_id, _stall_seconds(), sf),
+        stall_seconds=_stall_seconds(),
+        poll=1.0,
     )
 
 

@@ -14,6 +14,7 @@ run that repeats an earlier one finishes without a worker. ``--no-reuse`` turns 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,30 @@ class UnknownRun(LookupError):
     pass
 
 
+# Candidate lists never change once imported; the coordinator replays the same queries again and
+# again (a merge sort of 20 takes up to 35 rounds), so it keeps them instead of re-reading them.
+_CANDIDATES: OrderedDict[tuple[int, int, int], list[int]] = OrderedDict()
+_CANDIDATES_MAX = 100_000
+
+
+def cached_candidate_lists(
+    s: Session, candidate_set_id: int, query_ids: Sequence[int], k: int
+) -> dict[int, list[int]]:
+    missing = [q for q in query_ids if (candidate_set_id, k, q) not in _CANDIDATES]
+    if missing:
+        for q, tiles in candidate_lists(s, candidate_set_id, missing, k).items():
+            _CANDIDATES[(candidate_set_id, k, q)] = tiles
+        while len(_CANDIDATES) > _CANDIDATES_MAX:
+            _CANDIDATES.popitem(last=False)
+    out = {}
+    for q in query_ids:
+        tiles = _CANDIDATES.get((candidate_set_id, k, q))
+        if tiles is not None:
+            _CANDIDATES.move_to_end((candidate_set_id, k, q))
+            out[q] = tiles
+    return out
+
+
 def strategy_for(info: RunInfo) -> Strategy:
     return get_strategy(info.strategy, **info.params.get("strategy_options", {}))
 
@@ -95,7 +120,7 @@ def advance(
 def _replay_part(
     s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int], sources: Sequence[int] = ()
 ) -> tuple[int, list[int], int]:
-    candidates = candidate_lists(s, info.candidate_set_id, query_ids, info.k)
+    candidates = cached_candidate_lists(s, info.candidate_set_id, query_ids, info.k)
     if strategy.kind == "pairwise":
         stored = pairwise_outcomes(s, info.id, query_ids)
     else:

@@ -441,7 +441,18 @@ def table_blocks(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[
             (
                 "Stage-1 retrieval over the whole gallery (Sample4Geo's counting: R@k and R@1% the positive "
                 "alone, hit rate lets semi-positives rank above it)",
-                ["candidates", "model", "gallery", "queries", "R@1", "R@5", "R@10", "R@1%", "hit rate", "skipped"],
+                [
+                    "candidates",
+                    "model",
+                    "gallery",
+                    "queries",
+                    "R@1",
+                    "R@5",
+                    "R@10",
+                    "R@1%",
+                    "hit rate",
+                    "skipped",
+                ],
                 [
                     [
                         _cell(r["candidates"]) + (" (random init)" if r.get("random_init") else ""),

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from db.models import (
     DONE,
+    FAILED,
     PENDING,
     RETRIEVAL_DONE,
     RETRIEVAL_FAILED,
@@ -37,7 +38,8 @@ from db.models import (
     SkippedImage,
     Tile,
 )
-from db.queries import now
+from db.queries import chunked, now
+from db.reports import retrieval_recall
 from db.upsert import insert_ignore
 from workers.app import app
 from workers.queues import RETRIEVAL_QUEUE
@@ -51,10 +53,8 @@ from workers.retrieval.store import (
     reset_failed,
     run_folder_name,
 )
+from workers.retrieval.tasks import EMBED_SHARD_TASK, RANK_CANDIDATES_TASK  # torch-free at import
 
-# Task names as the retrieval workers register them (workers/retrieval/tasks.py).
-EMBED_SHARD_TASK = "cvgl.embed_shard"
-RANK_CANDIDATES_TASK = "cvgl.rank_candidates"
 DEFAULT_K = 20
 DEFAULT_BATCH_SIZE = 128  # Sample4Geo's evaluation batch
 DEFAULT_SHARD_SIZE = 4096  # about 2 s of ConvNeXt-B on an H200: the per-shard start-up cost is noise
@@ -293,7 +293,8 @@ def enqueue(sf: sessionmaker[Session], run_id: int, lost_after: float | None = N
         app.send_task(EMBED_SHARD_TASK, args=[shard_id], queue=RETRIEVAL_QUEUE)
     if ids:
         with sf.begin() as s:
-            s.execute(update(EmbeddingShard).where(EmbeddingShard.id.in_(ids)).values(enqueued_at=now()))
+            for part in chunked(ids):
+                s.execute(update(EmbeddingShard).where(EmbeddingShard.id.in_(part)).values(enqueued_at=now()))
     if not any_pending:
         app.send_task(RANK_CANDIDATES_TASK, args=[run_id], queue=RETRIEVAL_QUEUE)
     return len(ids)
@@ -326,7 +327,7 @@ def retrieval_progress(s: Session, run_id: int) -> RetrievalProgress:
     run = s.get(RetrievalRun, run_id)
     if run is None:
         raise LookupError(f"retrieval run {run_id} does not exist")
-    counts = {PENDING: 0, DONE: 0, "failed": 0}
+    counts = {PENDING: 0, DONE: 0, FAILED: 0}
     embedded = 0
     for status, n, emb in s.execute(
         select(EmbeddingShard.status, func.count(), func.coalesce(func.sum(EmbeddingShard.n_embedded), 0))
@@ -346,7 +347,7 @@ def retrieval_progress(s: Session, run_id: int) -> RetrievalProgress:
         random_init=run.random_init,
         shards_total=sum(counts.values()),
         shards_done=counts[DONE],
-        shards_failed=counts["failed"],
+        shards_failed=counts[FAILED],
         images_total=run.n_tiles + run.n_queries,
         images_embedded=embedded,
         images_skipped=skipped,
@@ -409,9 +410,7 @@ def wait_for_retrieval(
 
 
 def run_summary(s: Session, run_id: int) -> dict[str, Any]:
-    """The run's SQL metrics (view ``retrieval_recall``) and its candidate set's name."""
-    from db.reports import retrieval_recall
-
+    """The run's whole-gallery metrics (view ``retrieval_recall``); empty until it is ranked."""
     rows = retrieval_recall(s, retrieval_run_ids=[run_id])
     return rows[0] if rows else {}
 
@@ -420,7 +419,7 @@ def describe(p: RetrievalProgress, metrics: dict[str, Any]) -> list[str]:
     """What the CLI prints when a run is done."""
     lines = [
         f"retrieval run {p.name!r} (id {p.run_id}): {p.images_embedded} images embedded, "
-        f"{p.images_skipped} skipped{' (listed by `orchestrator report --format json`)' if p.images_skipped else ''}"
+        f"{p.images_skipped} skipped{' (file and reason in the table skipped_images)' if p.images_skipped else ''}"
         + (", untrained weights (--random-init)" if p.random_init else "")
     ]
     if metrics:

@@ -214,9 +214,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("pairwise_verdicts", schema=None) as batch_op:
         batch_op.create_index("ix_pairwise_verdicts_run_status", ["run_id", "status"], unique=False)
-        batch_op.create_index(
-            "ix_pairwise_verdicts_query_tiles", ["query_id", "tile_first", "tile_second"], unique=False
-        )
 
     op.create_table(
         "pointwise_scores",
@@ -265,7 +262,6 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("pointwise_scores", schema=None) as batch_op:
         batch_op.create_index("ix_pointwise_scores_run_status", ["run_id", "status"], unique=False)
-        batch_op.create_index("ix_pointwise_scores_query_tile", ["query_id", "tile_id"], unique=False)
 
     op.create_table(
         "rankings",
@@ -306,12 +302,10 @@ def downgrade() -> None:
     op.drop_table("run_queries")
     op.drop_table("rankings")
     with op.batch_alter_table("pointwise_scores", schema=None) as batch_op:
-        batch_op.drop_index("ix_pointwise_scores_query_tile")
         batch_op.drop_index("ix_pointwise_scores_run_status")
 
     op.drop_table("pointwise_scores")
     with op.batch_alter_table("pairwise_verdicts", schema=None) as batch_op:
-        batch_op.drop_index("ix_pairwise_verdicts_query_tiles")
         batch_op.drop_index("ix_pairwise_verdicts_run_status")
 
     op.drop_table("pairwise_verdicts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,14 @@ from db.engine import database_url, session_factory
 from db.migrate import alembic_config, upgrade_to_head
 from db.models import EmbeddingShard, Query, RetrievalRun, SkippedImage, Tile
 from orchestrator.cli import cli
-from orchestrator.retrieve import RetrieveError, RetrieveSpec, create_or_resume
+from orchestrator.retrieve import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K,
+    DEFAULT_SHARD_SIZE,
+    RetrieveError,
+    RetrieveSpec,
+    create_or_resume,
+)
 from tests.builders import synthetic_dataset
 from workers.retrieval import store
 
@@ -51,7 +59,15 @@ def test_help_names_the_sample4geo_options():
         "--shard-size",
     ):
         assert option in out
-    assert "convnext_base.fb_in22k_ft_in1k_384" in out
+    # The CLI's defaults are the library's (Sample4Geo's VIGOR evaluation settings).
+    for default in (
+        store.DEFAULT_MODEL,
+        store.DEFAULT_IMG_SIZE,
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_SHARD_SIZE,
+        DEFAULT_K,
+    ):
+        assert re.search(rf"\[default: {default}[;\]]", " ".join(out.split())), default
 
 
 @pytest.mark.parametrize(
@@ -121,11 +137,12 @@ def test_rerunning_with_other_settings_is_refused_and_changes_nothing(ingested):
     assert not again.created and _count(RetrievalRun) == 1
 
 
-def test_rerunning_a_failed_run_retries_its_failed_shards_only(ingested):
+def test_rerunning_a_failed_run_retries_what_is_not_stored(ingested):
     with session_factory().begin() as s:
         run_id = create_or_resume(s, RetrieveSpec(name="r", random_init=True, shard_size=5)).run_id
     with session_factory().begin() as s:
-        first, second = s.scalars(select(EmbeddingShard.id).order_by(EmbeddingShard.id).limit(2)).all()
+        first, second, third = s.scalars(select(EmbeddingShard.id).order_by(EmbeddingShard.id).limit(3)).all()
+        s.execute(EmbeddingShard.__table__.update().where(EmbeddingShard.id == third).values(attempts=2))
         done = store.shard_work(s, first)
         s.execute(
             EmbeddingShard.__table__.update()
@@ -143,7 +160,9 @@ def test_rerunning_a_failed_run_retries_its_failed_shards_only(ingested):
         statuses = dict(s.execute(select(EmbeddingShard.id, EmbeddingShard.status)).all())
         assert statuses[first] == "done" and statuses[second] == "pending"
         assert s.scalar(select(RetrievalRun.error)) is None
-        assert s.scalar(select(EmbeddingShard.attempts).where(EmbeddingShard.id == second)) == 0
+        attempts = dict(s.execute(select(EmbeddingShard.id, EmbeddingShard.attempts)).all())
+        # The run's failure was no shard's fault: every shard not done starts from zero attempts.
+        assert attempts[first] == 1 and attempts[second] == 0 and attempts[third] == 0
     assert _count(SkippedImage) == 1  # the done shard's corrupt image stays recorded
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,7 @@ from tests.builders import synthetic_dataset
 from workers.retrieval.data import load_image, make_loader, normalize, view_size
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,21 @@ def test_bad_images_are_errors_naming_the_file_and_the_rest_goes_on(root, tmp_pa
     pixels = torch.cat([b.pixels for b in batches if len(b.index)])
     assert pixels.shape == (3, 32, 32, 3) and pixels.dtype == torch.uint8
     np.testing.assert_array_equal(pixels[1].numpy(), load_image(good[1], "satellite", 32))
+
+
+def test_loader_workers_start_after_this_process_resized_images(root):
+    """OpenCV's thread pool does not survive fork: a loader forked after a resize here used to hang."""
+    script = (
+        "import sys\n"
+        "from workers.retrieval.data import load_image, make_loader\n"
+        "paths = sys.argv[1:]\n"
+        "load_image(paths[0], 'ground', 384)  # OpenCV work in the parent first\n"
+        "n = sum(len(b.index) for b in make_loader(paths, 'ground', 384, 2, num_workers=1))\n"
+        "print(n)\n"
+    )
+    paths = [str(p) for p in sorted(root.glob("*/panorama/*.jpg"))]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(paths))]

@@ -24,6 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 SATELLITE, GROUND = "satellite", "ground"
 VIEWS = (SATELLITE, GROUND)
 
+# OpenCV's thread pool does not survive fork: a DataLoader worker forked after this process
+# resized an image with it hangs on its first resize. The loader processes are the parallelism.
+cv2.setNumThreads(1)
+
 
 def view_size(view: str, img_size: int) -> tuple[int, int]:
     """(height, width) of a preprocessed image: satellite S x S, panorama S x 2S (VIGOR, no cutting)."""

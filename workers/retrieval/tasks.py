@@ -19,7 +19,7 @@ import time
 
 from celery import Task
 from celery.exceptions import Reject
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from db.engine import session_factory
 from db.models import PENDING, RETRIEVAL_RUNNING, RetrievalRun
@@ -98,15 +98,17 @@ def embed_shard(self: Task, shard_id: int) -> dict:
     try:
         encoder = get_encoder(spec)
         result = encoder.embed_files(work.paths, store.VIEW_OF_KIND[work.kind], batch_size=work.batch_size)
+        store.write_shard_file(work.embeddings_dir, work.file_name, result.embeddings)
     except (CheckpointError, UnknownModel) as exc:
         # Every shard would fail the same way: stop the run and say why.
         _fail_run(work.run_id, str(exc))
         return {"shard": shard_id, "run_failed": str(exc)}
-    except Exception as exc:  # out of memory, a CUDA fault: not this shard's images' fault
+    except _DB_ERRORS:
+        raise  # retried with backoff by the task
+    except Exception as exc:  # out of memory, a CUDA fault, a full disk: no image's fault
         log.exception("embedding %s of retrieval run %d failed", work.label, work.run_id)
         _fail_run(work.run_id, f"{work.label} on {worker}: {type(exc).__name__}: {exc}")
         return {"shard": shard_id, "run_failed": str(exc)}
-    store.write_shard_file(work.embeddings_dir, work.file_name, result.embeddings)
     with sessions.begin() as s:
         stored = store.complete_shard(
             s,
@@ -183,21 +185,30 @@ def rank_candidates(self: Task, run_id: int) -> dict:
     from workers.retrieval.encoder import pick_device
     from workers.retrieval.topk import rank_gallery
 
-    device = pick_device()
     start = time.perf_counter()
-    ranked = rank_gallery(inp.queries, inp.tiles, inp.k, inp.positives, inp.semi_positives, device=device)
+    try:
+        device = pick_device()
+        ranked = rank_gallery(inp.queries, inp.tiles, inp.k, inp.positives, inp.semi_positives, device=device)
+    except Exception as exc:  # e.g. out of memory: say so instead of leaving the run running
+        log.exception("top-K of retrieval run %d failed", run_id)
+        _fail_run(run_id, f"top-K on {_worker(self)}: {type(exc).__name__}: {exc}")
+        return {"run": run_id, "run_failed": str(exc)}
     rank_seconds = time.perf_counter() - start
-    with sessions.begin() as s:
-        cs_id = store.store_ranking(
-            s,
-            inp,
-            ranked.indices,
-            ranked.scores,
-            ranked.positive_rank,
-            ranked.hit_rank,
-            ranked.positive_score,
-            params={"rank_device": str(device), "rank_seconds": round(rank_seconds, 3)},
-        )
+    try:
+        with sessions.begin() as s:
+            cs_id = store.store_ranking(
+                s,
+                inp,
+                ranked.indices,
+                ranked.scores,
+                ranked.positive_rank,
+                ranked.hit_rank,
+                ranked.positive_score,
+                params={"rank_device": str(device), "rank_seconds": round(rank_seconds, 3)},
+            )
+    except IntegrityError as exc:  # a candidate set of this name appeared meanwhile
+        _fail_run(run_id, f"cannot store the candidate set: {exc.orig or exc}")
+        return {"run": run_id, "run_failed": str(exc)}
     log.info(
         "retrieval run %d: top-%d of %d tiles for %d queries in %.1f s on %s (candidate set %s)",
         run_id,
