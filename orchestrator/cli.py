@@ -667,11 +667,12 @@ def figures(
     """Figures 3-5 and the position-bias plot as PNG files, with index.html holding them and Table 1."""
     from orchestrator.figures import write_figures
 
-    prepare_out_dir(out)
     with sessions()() as s:
+        # Validate the runs before creating anything on disk.
         result = build_report(
             s, list(run_ids) or None, n_resamples=resamples, confidence=confidence, seed=seed
         )
+        prepare_out_dir(out)
         written = write_figures(
             s,
             result,
