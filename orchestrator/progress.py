@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -16,6 +17,7 @@ from db.models import PairwiseVerdict, PointwiseScore, Run, RunQuery
 from db.reuse import reused_count
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,83 @@ class RunStalled(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class BarState:
+    """What the progress bar shows for one poll."""
+
+    total: int
+    done: int
+    postfix: dict[str, object]
+    label: str | None = None
+
+
+def follow(
+    read: Callable[[], P],
+    *,
+    finished: Callable[[P], bool],
+    fingerprint: Callable[[P], tuple],
+    bar_state: Callable[[P], BarState],
+    desc: str,
+    unit: str,
+    on_stall: Callable[[], object] | None = None,
+    stall_seconds: float = 30.0,
+    max_stalls: int | None = None,
+    stalled: Callable[[P, int], str] | None = None,
+    detail: Callable[[P], str] | None = None,
+    timeout: float | None = None,
+    poll: float = 0.25,
+    progress_bar: bool = True,
+) -> P:
+    """Poll ``read`` until ``finished``, with a tqdm bar; call ``on_stall`` when nothing moves.
+
+    A database restart only delays the next poll. ``finished`` may raise to end the wait.
+
+    Raises:
+        TimeoutError: after ``timeout`` seconds.
+        RunStalled: after ``max_stalls`` calls of ``on_stall`` in a row that moved nothing.
+    """
+    start = last_change = time.monotonic()
+    last: tuple | None = None
+    bar = None
+    stalls = 0
+    try:
+        while True:
+            try:
+                p = read()
+            except (OperationalError, InterfaceError) as exc:  # the database restarting: keep waiting
+                log.warning(
+                    "database unavailable while waiting for %s: %s", desc, getattr(exc, "orig", None) or exc
+                )
+                time.sleep(1.0)
+                continue
+            if progress_bar:
+                state = bar_state(p)
+                if bar is None:
+                    bar = tqdm(total=state.total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
+                bar.update(state.done - bar.n)
+                bar.set_postfix(**state.postfix)
+                if state.label:
+                    bar.set_description(state.label)
+            if finished(p):
+                return p
+            now = time.monotonic()
+            if fingerprint(p) != last:
+                last, last_change, stalls = fingerprint(p), now, 0
+            elif on_stall is not None and now - last_change > stall_seconds:
+                if max_stalls is not None and stalls >= max_stalls:
+                    raise RunStalled(stalled(p, stalls) if stalled else f"{desc} made no progress")
+                on_stall()
+                stalls += 1
+                last_change = now
+            if timeout is not None and now - start > timeout:
+                more = f" ({detail(p)})" if detail else ""
+                raise TimeoutError(f"{desc} not done after {timeout:.0f} s{more}")
+            time.sleep(poll)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def wait_for_run(
     sessions: sessionmaker[Session],
     run_id: int,
@@ -91,55 +170,38 @@ def wait_for_run(
         TimeoutError: after ``timeout`` seconds.
         RunStalled: after ``max_stalls`` reconciles in a row that moved nothing.
     """
-    start = last_change = time.monotonic()
-    last = None
-    bar = None
-    stalls = 0
-    try:
-        while True:
-            try:
-                with sessions() as s:
-                    p = run_progress(s, run_id)
-            except (OperationalError, InterfaceError) as exc:  # the database restarting: keep waiting
-                log.warning("database unavailable while waiting for run %d: %s", run_id, exc.orig or exc)
-                time.sleep(1.0)
-                continue
-            assert p is not None
-            if bar is None and progress_bar:
-                bar = tqdm(
-                    total=p.queries_total,
-                    desc=f"run {run_id}",
-                    unit="query",
-                    dynamic_ncols=True,
-                    mininterval=0.5,
-                )
-            if bar is not None:
-                bar.update(p.queries_done - bar.n)
-                bar.set_postfix(
-                    judged=p.judgments_done,
-                    reused=p.judgments_reused,
-                    pending=p.judgments_pending,
-                    failed=p.judgments_failed,
-                )
-            if p.finished:
-                return p
-            now = time.monotonic()
-            if p.fingerprint() != last:
-                last, last_change, stalls = p.fingerprint(), now, 0
-            elif on_stall is not None and now - last_change > stall_seconds:
-                if max_stalls is not None and stalls >= max_stalls:
-                    raise RunStalled(
-                        f"run {run_id} made no progress in {stalls} reconciles ({p.judgments_pending} judgments "
-                        "pending): are workers consuming its queue? See the worker logs."
-                    )
-                on_stall()
-                stalls += 1
-                last_change = now
-            if timeout is not None and now - start > timeout:
-                raise TimeoutError(
-                    f"run {run_id} not done after {timeout:.0f} s ({p.queries_done}/{p.queries_total} queries)"
-                )
-            time.sleep(poll)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def read() -> RunProgress:
+        with sessions() as s:
+            p = run_progress(s, run_id)
+        assert p is not None
+        return p
+
+    return follow(
+        read,
+        finished=lambda p: p.finished,
+        fingerprint=lambda p: p.fingerprint(),
+        bar_state=lambda p: BarState(
+            p.queries_total,
+            p.queries_done,
+            {
+                "judged": p.judgments_done,
+                "reused": p.judgments_reused,
+                "pending": p.judgments_pending,
+                "failed": p.judgments_failed,
+            },
+        ),
+        desc=f"run {run_id}",
+        unit="query",
+        on_stall=on_stall,
+        stall_seconds=stall_seconds,
+        max_stalls=max_stalls,
+        stalled=lambda p, n: (
+            f"run {run_id} made no progress in {n} reconciles ({p.judgments_pending} judgments "
+            "pending): are workers consuming its queue? See the worker logs."
+        ),
+        detail=lambda p: f"{p.queries_done}/{p.queries_total} queries",
+        timeout=timeout,
+        poll=poll,
+        progress_bar=progress_bar,
+    )

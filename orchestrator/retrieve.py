@@ -12,7 +12,6 @@ Imports ``db`` and the torch-free parts of ``workers``; tasks are sent by name.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +20,6 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
-from tqdm import tqdm
 
 from db.models import (
     DONE,
@@ -41,6 +39,7 @@ from db.models import (
 from db.queries import chunked, now
 from db.reports import retrieval_recall
 from db.upsert import insert_ignore
+from orchestrator.progress import BarState, follow
 from workers.app import app
 from workers.queues import RETRIEVAL_QUEUE
 from workers.retrieval.store import (
@@ -371,42 +370,40 @@ def wait_for_retrieval(
         RetrievalFailed: the run failed (the worker's reason is the message).
         TimeoutError: after ``timeout`` seconds.
     """
-    start = last_change = time.monotonic()
-    last: tuple | None = None
-    bar = None
-    try:
-        while True:
-            with sf() as s:
-                p = retrieval_progress(s, run_id)
-            if bar is None and progress_bar:
-                bar = tqdm(
-                    total=p.shards_total,
-                    desc=f"retrieve {p.name}",
-                    unit="shard",
-                    dynamic_ncols=True,
-                    mininterval=0.5,
-                )
-            if bar is not None:
-                bar.update(p.shards_done + p.shards_failed - bar.n)
-                bar.set_postfix(images=p.images_embedded, skipped=p.images_skipped)
-                if p.shards_pending == 0 and p.status == RETRIEVAL_RUNNING:
-                    bar.set_description(f"retrieve {p.name}: top-K")
-            if p.status == RETRIEVAL_DONE:
-                return p
-            if p.status == RETRIEVAL_FAILED:
-                raise RetrievalFailed(f"retrieval run {p.name!r} failed: {p.error}")
-            t = time.monotonic()
-            if p.fingerprint() != last:
-                last, last_change = p.fingerprint(), t
-            elif on_stall is not None and t - last_change > stall_seconds:
-                on_stall()
-                last_change = t
-            if timeout is not None and t - start > timeout:
-                raise TimeoutError(f"retrieval run {p.name!r} not done after {timeout:.0f} s")
-            time.sleep(poll)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def finished(p: RetrievalProgress) -> bool:
+        if p.status == RETRIEVAL_FAILED:
+            raise RetrievalFailed(f"retrieval run {p.name!r} failed: {p.error}")
+        return p.status == RETRIEVAL_DONE
+
+    def bar_state(p: RetrievalProgress) -> BarState:
+        top_k = p.shards_pending == 0 and p.status == RETRIEVAL_RUNNING
+        return BarState(
+            p.shards_total,
+            p.shards_done + p.shards_failed,
+            {"images": p.images_embedded, "skipped": p.images_skipped},
+            label=f"retrieve {p.name}: top-K" if top_k else None,
+        )
+
+    def read() -> RetrievalProgress:
+        with sf() as s:
+            return retrieval_progress(s, run_id)
+
+    with sf() as s:
+        name = retrieval_progress(s, run_id).name
+    return follow(
+        read,
+        finished=finished,
+        fingerprint=lambda p: p.fingerprint(),
+        bar_state=bar_state,
+        desc=f"retrieve {name}",
+        unit="shard",
+        on_stall=on_stall,
+        stall_seconds=stall_seconds,
+        timeout=timeout,
+        poll=poll,
+        progress_bar=progress_bar,
+    )
 
 
 def run_summary(s: Session, run_id: int) -> dict[str, Any]:
