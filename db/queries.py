@@ -270,19 +270,6 @@ class JudgmentInput:
     attempts: int
 
 
-def attempts_of(session: Session, kind: str, ids: Sequence[int]) -> dict[int, int]:
-    """Attempts so far of the still-pending rows among ``ids``."""
-    model = JUDGMENT_MODELS[kind]
-    out: dict[int, int] = {}
-    for part in chunked(list(ids)):
-        out.update(
-            session.execute(
-                select(model.id, model.attempts).where(model.id.in_(part), model.status == PENDING)
-            ).all()
-        )
-    return out
-
-
 def claim(session: Session, kind: str, ids: Sequence[int], worker: str) -> None:
     """Count one more attempt on pending rows (before the judge runs: a crash still counts)."""
     model = JUDGMENT_MODELS[kind]
@@ -306,24 +293,40 @@ def judgment_inputs(session: Session, kind: str, ids: Sequence[int]) -> list[Jud
     candidate_set = bindparam("candidate_set")
     stmt = (
         select(
-            model.id, model.run_id, model.query_id, model.attempts, Query.name, Query.path, GroundTruth.tile_id,
-            *tile_cols, *(t.name for t in tiles), *(t.path for t in tiles), *(c.rank for c in cands),
+            model.id,
+            model.run_id,
+            model.query_id,
+            model.attempts,
+            Query.name,
+            Query.path,
+            GroundTruth.tile_id,
+            *tile_cols,
+            *(t.name for t in tiles),
+            *(t.path for t in tiles),
+            *(c.rank for c in cands),
         )
         .join(Query, Query.id == model.query_id)
-        .outerjoin(GroundTruth, and_(GroundTruth.query_id == model.query_id, GroundTruth.relation == "positive"))
+        .outerjoin(
+            GroundTruth, and_(GroundTruth.query_id == model.query_id, GroundTruth.relation == "positive")
+        )
         .where(model.run_id == bindparam("run"))
     )
     for col, tile, cand in zip(tile_cols, tiles, cands, strict=True):
         # The candidate set is a bound value, not a join through runs: PostgreSQL then probes the
         # (candidate_set_id, query_id, tile_id) index per row even before tables are analysed.
         stmt = stmt.join(tile, tile.id == col).outerjoin(
-            cand, and_(cand.candidate_set_id == candidate_set, cand.query_id == model.query_id, cand.tile_id == col)
+            cand,
+            and_(
+                cand.candidate_set_id == candidate_set, cand.query_id == model.query_id, cand.tile_id == col
+            ),
         )
     runs: dict[int, int] = {}
     for part in chunked(list(ids)):
         runs.update(
             session.execute(
-                select(Run.id, Run.candidate_set_id).where(Run.id.in_(select(model.run_id).where(model.id.in_(part))))
+                select(Run.id, Run.candidate_set_id).where(
+                    Run.id.in_(select(model.run_id).where(model.id.in_(part)))
+                )
             ).all()
         )
     n = len(tile_cols)
@@ -382,19 +385,29 @@ def record_outcomes(session: Session, kind: str, outcomes: Sequence[Mapping[str,
 
 
 _PG_ARRAY_TYPES = {
-    "first_wins": "boolean[]", "p_first": "float8[]", "p_second": "float8[]", "score": "float8[]",
-    "probs": "json[]", "status": "text[]", "raw_output": "text[]", "error": "text[]", "latency_ms": "float8[]",
-    "worker": "text[]", "model_revision": "text[]",
+    "first_wins": "boolean[]",
+    "p_first": "float8[]",
+    "p_second": "float8[]",
+    "score": "float8[]",
+    "probs": "json[]",
+    "status": "text[]",
+    "raw_output": "text[]",
+    "error": "text[]",
+    "latency_ms": "float8[]",
+    "worker": "text[]",
+    "model_revision": "text[]",
 }
 
 
-def _record_outcomes_pg(session: Session, table: str, cols: list[str], outcomes: Sequence[Mapping[str, Any]],
-                        stamp: datetime) -> int:
+def _record_outcomes_pg(
+    session: Session, table: str, cols: list[str], outcomes: Sequence[Mapping[str, Any]], stamp: datetime
+) -> int:
     """One UPDATE ... FROM unnest(arrays) for the whole batch.
 
     An executemany of per-row UPDATEs costs the server one statement per judgment and the client a
     parse of each; with arrays the SQL text is constant (cached) and the server does one hash join.
     """
+
     def column(c: str) -> list[Any]:
         if c == "probs":
             return [None if o.get(c) is None else json.dumps(o[c]) for o in outcomes]
