@@ -1,12 +1,17 @@
 """Full-stack throughput: judgments stored per second through orchestrator, coordinator, Redis,
-PostgreSQL and Celery workers, with the simulated judge answering instantly.
+PostgreSQL and Celery workers, with the simulated judge answering instantly. The rate is the run's
+judgments over the time from the run's creation to its completion (database timestamps); the
+rate seen from launching ``orchestrator submit --wait`` to its exit is printed beside it.
 
     python benchmarks/throughput.py [--queries 1000] [--workers 2] [--coordinators 1] [--batch-size 256] [--repeats 3]
+                                    [--pg-stats]
 
 Starts its own Redis and PostgreSQL on free loopback ports (as the tests do), a synthetic dataset,
 judgment and coordination worker processes, then times pairwise runs from submit to done (median of
 ``--repeats``). In the same session it times a raw Celery no-op task with the same settings (late
-acks, prefetch 1) at 1 and 50 items per task, and prints the ratio.
+acks, prefetch 1) at 1 and 50 items per task, and prints the ratio. Each run also reports the CPU
+time of each process group per judgment and how many tasks carried the work; ``--pg-stats`` adds the
+database statements that cost the server most (pg_stat_statements).
 """
 
 from __future__ import annotations
@@ -76,6 +81,27 @@ def service_pids(redis_pid: int, pg_data: Path) -> dict[str, list[int]]:
     return {"postgres": [postmaster], "redis": [redis_pid]}
 
 
+def tasks_done(log: Path, name: str) -> int:
+    """How many ``name`` tasks a worker's log says succeeded so far."""
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if f"Task {name}[" in line and "succeeded" in line)
+
+
+def print_pg_stats(engine, judgments: int, top: int = 10) -> None:
+    """The statements that cost the server most, per judgment stored."""
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        rows = c.execute(text(
+            "SELECT calls, total_exec_time, total_plan_time, rows, query FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "ORDER BY total_exec_time + total_plan_time DESC LIMIT :top"), {"top": top}).all()
+    print(f"\nPostgreSQL statements by server time (pg_stat_statements, {judgments} judgments):")
+    print(f"  {'us/judgment':>11}  {'calls':>7}  {'rows':>9}  statement")
+    for calls, exec_ms, plan_ms, n, query in rows:
+        sql = " ".join(query.split())
+        print(f"  {1000 * (exec_ms + plan_ms) / judgments:>11.1f}  {calls:>7}  {n:>9}  {sql[:110]}")
+
+
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     fh = log.open("ab")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
@@ -124,11 +150,13 @@ def main() -> None:
     ap.add_argument("--coordinators", type=int, default=1, help="coordination worker processes")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pg-stats", action="store_true", help="print the costliest SQL statements")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cvgl-bench-"))
     redis_srv = RedisServer(work / "redis", free_port()).start(appendonly=False)
-    pg = PostgresServer(None, free_port()).start()
+    pg = PostgresServer(None, free_port())
+    pg.start(**({"shared_preload_libraries": "pg_stat_statements"} if args.pg_stats else {}))
     procs: list[subprocess.Popen] = []
     try:
         from sqlalchemy import create_engine, text
@@ -141,6 +169,9 @@ def main() -> None:
         env.update(CVGL_DATABASE_URL=pg.url("cvgl"), CVGL_BROKER_URL=redis_srv.url, CVGL_HOME=str(work / "home"),
                    PYTHONPATH=str(REPO))
         orchestrator(env, "migrate")
+        if args.pg_stats:
+            with create_engine(pg.url("cvgl"), isolation_level="AUTOCOMMIT").connect() as c:
+                c.execute(text("CREATE EXTENSION pg_stat_statements"))
         orchestrator(env, "synth", str(work / "VIGOR"), "--queries", str(args.queries), "--image-size", "16")
         orchestrator(env, "ingest", str(work / "VIGOR"))
         orchestrator(env, "import-candidates", str(work / "VIGOR" / "candidates.csv"), "--name", "bench")
@@ -152,13 +183,19 @@ def main() -> None:
                             "--without-mingle", "--loglevel", "INFO"], env, work / "coord.log"))
         from sqlalchemy import func, select
 
-        from db.models import PairwiseVerdict
+        from db.models import PairwiseVerdict, Run
 
         engine = create_engine(pg.url("cvgl"))
-        rates = []
+        rates, end_to_end = [], []  # run created -> finished (database clock); submit launched -> exited
+        total_judgments = 0
+        if args.pg_stats:
+            with engine.connect() as c:
+                c.execute(text("SELECT pg_stat_statements_reset()"))
+                c.commit()
         groups = {"judgment workers": [procs[0].pid], "coordinator": [procs[1].pid]}
         for i in range(args.repeats):
             before = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
+            tasks_before = (tasks_done(work / "judge.log", "cvgl.judge_pairwise"), tasks_done(work / "coord.log", "cvgl.advance"))
             t0 = time.perf_counter()
             run_id = orchestrator(env, "submit", "--strategy", "pairwise", "--all-queries", "--seed", str(i),
                                   "--accuracy", "0.9", "--batch-size", str(args.batch_size), "--no-reuse",
@@ -167,12 +204,25 @@ def main() -> None:
             with engine.connect() as c:
                 n = c.scalar(select(func.count()).select_from(PairwiseVerdict)
                              .where(PairwiseVerdict.run_id == int(run_id)))
-            rates.append(n / elapsed)
+                created, finished = c.execute(select(Run.created_at, Run.finished_at)
+                                              .where(Run.id == int(run_id))).one()
+            ran = (finished - created).total_seconds()
+            rates.append(n / ran)
+            end_to_end.append(n / elapsed)
+            total_judgments += n
+            judge_tasks = tasks_done(work / "judge.log", "cvgl.judge_pairwise") - tasks_before[0]
+            advance_tasks = tasks_done(work / "coord.log", "cvgl.advance") - tasks_before[1]
             after = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
             used = {k: after[k] - before.get(k, 0.0) for k in after}
             share = ", ".join(f"{k} {v:.1f} s ({1e6 * v / n:.0f} us/judgment)" for k, v in used.items())
-            print(f"run {run_id}: {n} judgments in {elapsed:.1f} s = {n / elapsed:,.0f} judgments/s", flush=True)
+            print(f"run {run_id}: {n} judgments stored in {ran:.1f} s from run created to run finished = "
+                  f"{n / ran:,.0f} judgments/s; {elapsed:.1f} s = {n / elapsed:,.0f}/s from launching "
+                  "`orchestrator submit --wait` to its exit", flush=True)
             print(f"  CPU time: {share}; the orchestrator polls only", flush=True)
+            print(f"  tasks: {judge_tasks} judgment tasks ({n / max(judge_tasks, 1):.0f} judgments each), "
+                  f"{advance_tasks} coordinator advances", flush=True)
+        if args.pg_stats:
+            print_pg_stats(engine, total_judgments)
         engine.dispose()
         for p in procs:
             p.terminate()
@@ -183,7 +233,10 @@ def main() -> None:
         median = statistics.median(rates)
         print(f"\nwhole stack, {args.queries} queries x K=20 pairwise (merge sort), batch {args.batch_size}, "
               f"{args.workers} judgment + {args.coordinators} coordination worker processes on {os.cpu_count()} cores:")
-        print(f"  median {median:,.0f} judgments stored/s over {args.repeats} runs ({', '.join(f'{r:,.0f}' for r in rates)})")
+        print(f"  median {median:,.0f} judgments stored/s over {args.repeats} runs ({', '.join(f'{r:,.0f}' for r in rates)}), "
+              "run created to run finished")
+        print(f"  median {statistics.median(end_to_end):,.0f} judgments/s from launching the submit command to its "
+              f"exit (adds its Python start-up and its half-second wait poll)")
         print(f"  raw Celery no-op, late acks, prefetch 1: {raw1:,.0f} tasks/s at 1 item; {raw50:,.0f} items/s at 50 items")
         print(f"  ratio whole stack / raw Celery: {median / raw1:.1f}x the 1-item task rate, "
               f"{median / raw50:.2f}x the 50-item rate")

@@ -89,3 +89,9 @@ def dispose_engines() -> None:
     """Drop pooled connections inherited through fork, without closing the parent's sockets."""
     for engine in _ENGINES.values():
         engine.dispose(close=False)
+
+
+def database_of(session: Session) -> str:
+    """Which database a session talks to, for keying per-process caches of its rows (a process,
+    a test run for one, may talk to several databases whose ids overlap)."""
+    return session.get_bind().url.render_as_string(hide_password=True)

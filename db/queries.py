@@ -8,15 +8,28 @@ Imports only ``db`` modules.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Row,
+    Select,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import Session
 
 from db.models import (
     DONE,
@@ -35,7 +48,7 @@ from db.models import (
     RunQuery,
     Tile,
 )
-from db.upsert import insert_ignore
+from db.upsert import insert_ignore, pg_int_array, pg_recordset, pg_rows
 
 JUDGMENT_MODELS: dict[str, type[PairwiseVerdict] | type[PointwiseScore]] = {
     "pairwise": PairwiseVerdict,
@@ -52,6 +65,29 @@ def now() -> datetime:
 def chunked(seq: Sequence[Any], n: int = CHUNK) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def member_of(column: ColumnElement, name: str, pg: bool) -> ColumnElement[bool]:
+    """``column IN :name`` for an integer column, the ids bound by :func:`id_parts`. On PostgreSQL
+    ``= ANY`` of one ``integer[]`` parameter: the SQL text is the same for any number of ids, so
+    psycopg and the server parse and plan it once, where a long IN list is rendered, parsed and
+    planned anew on every call. Elsewhere an expanding IN list."""
+    if not isinstance(column.type, Integer):
+        raise TypeError(f"member_of takes integer columns, not {column} ({column.type})")
+    if pg:
+        # Untyped: the value (an IntArray) is typed integer[] by psycopg itself.
+        return column == any_(bindparam(name))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def id_parts(ids: Iterable[int], pg: bool) -> list[Any]:
+    """Ids in parts for :func:`member_of`: one array literal on PostgreSQL, SQLite-sized lists elsewhere."""
+    ids = list(ids)
+    return [pg_int_array(ids)] if pg else [list(p) for p in chunked(ids)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,46 +116,38 @@ class RunInfo:
 
 
 def run_info(session: Session, run_id: int) -> RunInfo | None:
-    row = session.execute(
-        select(Run, CandidateSet.dataset_id, Dataset.root)
-        .join(CandidateSet, CandidateSet.id == Run.candidate_set_id)
-        .join(Dataset, Dataset.id == CandidateSet.dataset_id)
-        .where(Run.id == run_id)
-    ).first()
+    """The run's settings, or None. Core, not ORM: the coordinator and the workers read it for
+    every batch."""
+    r, cs, d = Run.__table__, CandidateSet.__table__, Dataset.__table__
+    fields = [f for f in RunInfo.__dataclass_fields__ if f not in ("dataset_id", "dataset_root")]
+    row = (
+        session.connection()
+        .execute(
+            select(*(r.c[f] for f in fields), cs.c.dataset_id, d.c.root)
+            .select_from(r.join(cs, cs.c.id == r.c.candidate_set_id).join(d, d.c.id == cs.c.dataset_id))
+            .where(r.c.id == run_id)
+        )
+        .first()
+    )
     if row is None:
         return None
-    run, dataset_id, root = row
-    params = dict(run.params or {})
-    return RunInfo(
-        id=run.id,
-        candidate_set_id=run.candidate_set_id,
-        dataset_id=dataset_id,
-        dataset_root=root,
-        strategy=run.strategy,
-        prompt_name=run.prompt_name,
-        prompt_sha256=run.prompt_sha256,
-        judge=run.judge,
-        model=run.model,
-        model_revision=run.model_revision,
-        queue=run.queue,
-        seed=run.seed,
-        k=run.k,
-        batch_size=run.batch_size,
-        max_attempts=run.max_attempts,
-        params=params,
-        status=run.status,
-    )
+    values = dict(zip(fields, row[: len(fields)], strict=True))
+    values["params"] = dict(values["params"] or {})
+    return RunInfo(**values, dataset_id=row.dataset_id, dataset_root=row.root)
 
 
 def open_queries(session: Session, run_id: int, query_ids: Iterable[int] | None = None) -> list[int]:
     """Queries of the run whose ranking is not written yet."""
-    stmt = select(RunQuery.query_id).where(RunQuery.run_id == run_id, RunQuery.done_at.is_(None))
+    t = RunQuery.__table__
+    stmt = select(t.c.query_id).where(t.c.run_id == run_id, t.c.done_at.is_(None))
+    conn = session.connection()
     if query_ids is None:
-        return sorted(session.scalars(stmt))
-    wanted = sorted(set(query_ids))
+        return sorted(conn.scalars(stmt))
+    pg = is_postgres(session)
+    stmt = stmt.where(member_of(t.c.query_id, "ids", pg))
     out: list[int] = []
-    for part in chunked(wanted):
-        out.extend(session.scalars(stmt.where(RunQuery.query_id.in_(part))))
+    for part in id_parts(sorted(set(query_ids)), pg):
+        out.extend(conn.scalars(stmt, {"ids": part}))
     return sorted(out)
 
 
@@ -146,81 +174,78 @@ def candidate_lists(
     session: Session, candidate_set_id: int, query_ids: Sequence[int], k: int
 ) -> dict[int, list[int]]:
     """Stage-1 top-k tile ids per query, best first."""
+    t = Candidate.__table__
+    pg = is_postgres(session)
+    stmt = (
+        select(t.c.query_id, t.c.tile_id)
+        .where(t.c.candidate_set_id == candidate_set_id, member_of(t.c.query_id, "ids", pg), t.c.rank <= k)
+        .order_by(t.c.query_id, t.c.rank)
+    )
     out: dict[int, list[int]] = defaultdict(list)
-    for part in chunked(list(query_ids)):
-        rows = session.execute(
-            select(Candidate.query_id, Candidate.tile_id)
-            .where(
-                Candidate.candidate_set_id == candidate_set_id,
-                Candidate.query_id.in_(part),
-                Candidate.rank <= k,
-            )
-            .order_by(Candidate.query_id, Candidate.rank)
-        )
-        for q, t in rows:
-            out[q].append(t)
+    conn = session.connection()
+    for part in id_parts(query_ids, pg):
+        for q, tile in conn.execute(stmt, {"ids": part}):
+            out[q].append(tile)
     return dict(out)
 
 
-@dataclass(frozen=True)
-class StoredPair:
-    status: str
-    first_wins: bool | None
-    p_first: float | None
+# What names a judgment within its query, and what a worker stores as its result.
+KEY_COLUMNS = {"pairwise": ("tile_first", "tile_second"), "pointwise": ("tile_id",)}
+RESULT_COLUMNS = {"pairwise": ("first_wins", "p_first", "p_second"), "pointwise": ("score", "probs")}
+# What a strategy reads of a finished judgment, after its key.
+_OUTCOME_COLUMNS = {"pairwise": ("first_wins", "p_first"), "pointwise": ("score",)}
 
 
-@dataclass(frozen=True)
-class StoredScore:
-    status: str
-    score: float | None
+def _outcome_select(kind: str) -> Select:
+    t = JUDGMENT_MODELS[kind].__table__
+    cols = ["id", "query_id", *KEY_COLUMNS[kind], "status", *_OUTCOME_COLUMNS[kind]]
+    return select(*(t.c[c] for c in cols))
 
 
-def pairwise_outcomes(
-    session: Session, run_id: int, query_ids: Sequence[int]
-) -> dict[int, dict[tuple[int, int], StoredPair]]:
-    out: dict[int, dict[tuple[int, int], StoredPair]] = defaultdict(dict)
-    t = PairwiseVerdict
-    for part in chunked(list(query_ids)):
-        rows = session.execute(
-            select(t.query_id, t.tile_first, t.tile_second, t.status, t.first_wins, t.p_first).where(
-                t.run_id == run_id, t.query_id.in_(part)
-            )
-        )
-        for q, a, b, status, first_wins, p_first in rows:
-            out[q][(a, b)] = StoredPair(status, first_wins, p_first)
-    return out
+def judgment_rows(session: Session, kind: str, run_id: int, query_ids: Sequence[int]) -> list[Row]:
+    """Every judgment row of these queries, pending ones included: ``id``, ``query_id``, the key
+    columns (``tile_first``, ``tile_second`` or ``tile_id``), ``status`` and what a strategy reads
+    (``first_wins`` and ``p_first``, or ``score``)."""
+    t = JUDGMENT_MODELS[kind].__table__
+    pg = is_postgres(session)
+    stmt = _outcome_select(kind).where(t.c.run_id == run_id, member_of(t.c.query_id, "ids", pg))
+    conn = session.connection()
+    return [r for part in id_parts(query_ids, pg) for r in conn.execute(stmt, {"ids": part}).all()]
 
 
-def pointwise_outcomes(
-    session: Session, run_id: int, query_ids: Sequence[int]
-) -> dict[int, dict[int, StoredScore]]:
-    out: dict[int, dict[int, StoredScore]] = defaultdict(dict)
-    t = PointwiseScore
-    for part in chunked(list(query_ids)):
-        rows = session.execute(
-            select(t.query_id, t.tile_id, t.status, t.score).where(t.run_id == run_id, t.query_id.in_(part))
-        )
-        for q, tile, status, score in rows:
-            out[q][tile] = StoredScore(status, score)
-    return out
+def finished_rows(session: Session, kind: str, ids: Sequence[int]) -> list[Row]:
+    """Those of the judgment rows ``ids`` that are no longer pending, as :func:`judgment_rows`."""
+    t = JUDGMENT_MODELS[kind].__table__
+    pg = is_postgres(session)
+    stmt = _outcome_select(kind).where(member_of(t.c.id, "ids", pg), t.c.status != PENDING)
+    conn = session.connection()
+    return [r for part in id_parts(ids, pg) for r in conn.execute(stmt, {"ids": part}).all()]
 
 
-def add_pending(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Create pending judgment rows; returns the ids of the rows that did not exist yet."""
-    model = JUDGMENT_MODELS[kind]
-    key = (
-        ["run_id", "query_id", "tile_first", "tile_second"]
-        if kind == "pairwise"
-        else ["run_id", "query_id", "tile_id"]
+def add_pending(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """Create pending judgment rows. Returns ``(id, query_id, *key)`` of each row that did not
+    exist yet (in no particular order); a row whose key existed already is left as it was.
+
+    The rows are stamped ``enqueued_at`` here: the caller sends them right after the commit, and
+    a send lost to a crash in between is found by ``stale_pending`` like any other lost message.
+    """
+    key = ["run_id", "query_id", *KEY_COLUMNS[kind]]
+    return insert_ignore(
+        session,
+        JUDGMENT_MODELS[kind].__table__,
+        rows,
+        key=key,
+        returning=["id", "query_id", *KEY_COLUMNS[kind]],
+        values={"enqueued_at": now()},
     )
-    return [r[0] for r in insert_ignore(session, model.__table__, rows, key=key, returning=["id"])]
 
 
 def mark_enqueued(session: Session, kind: str, ids: Sequence[int]) -> None:
-    model = JUDGMENT_MODELS[kind]
-    stamp = now()
-    for part in chunked(list(ids)):
-        session.execute(update(model).where(model.id.in_(part)).values(enqueued_at=stamp))
+    t = JUDGMENT_MODELS[kind].__table__
+    pg = is_postgres(session)
+    stmt = update(t).where(member_of(t.c.id, "ids", pg)).values(enqueued_at=now())
+    for part in id_parts(ids, pg):
+        session.connection().execute(stmt, {"ids": part})
 
 
 def stale_pending(session: Session, run_id: int, kind: str, older_than: datetime | None) -> list[int]:
@@ -235,212 +260,152 @@ def stale_pending(session: Session, run_id: int, kind: str, older_than: datetime
 def write_rankings(session: Session, run_id: int, orders: Mapping[int, Sequence[int]]) -> None:
     """Store final orders (idempotent) and mark those queries done."""
     rows = [
-        {"run_id": run_id, "query_id": q, "rank": i, "tile_id": t}
+        {"query_id": q, "rank": i, "tile_id": t}
         for q, order in orders.items()
-        for i, t in enumerate(order, start=1)
+        for i, t in enumerate(order, 1)
     ]
-    insert_ignore(session, Ranking.__table__, rows, key=["run_id", "query_id", "rank"])
-    stamp = now()
-    for part in chunked(sorted(orders)):
-        session.execute(
-            update(RunQuery)
-            .where(RunQuery.run_id == run_id, RunQuery.query_id.in_(part), RunQuery.done_at.is_(None))
-            .values(done_at=stamp)
-        )
+    insert_ignore(
+        session, Ranking.__table__, rows, key=["run_id", "query_id", "rank"], values={"run_id": run_id}
+    )
+    t = RunQuery.__table__
+    pg = is_postgres(session)
+    stmt = (
+        update(t)
+        .where(t.c.run_id == run_id, member_of(t.c.query_id, "ids", pg), t.c.done_at.is_(None))
+        .values(done_at=now())
+    )
+    for part in id_parts(sorted(orders), pg):
+        session.connection().execute(stmt, {"ids": part})
 
 
 # ----------------------------------------------------------------------------------------------
 # judgments (workers)
 
 
-@dataclass(frozen=True)
-class JudgmentInput:
-    """Everything a worker needs to ask one judgment (paths relative to the dataset root)."""
-
-    id: int
-    run_id: int
-    query_id: int
-    query_name: str
-    query_path: str
-    tile_ids: tuple[int, ...]
-    tile_names: tuple[str, ...]
-    tile_paths: tuple[str, ...]
-    positive: tuple[bool, ...]
-    stage1_rank: tuple[int, ...]
-    attempts: int
-
-
 def claim(session: Session, kind: str, ids: Sequence[int], worker: str) -> None:
     """Count one more attempt on pending rows (before the judge runs: a crash still counts)."""
-    model = JUDGMENT_MODELS[kind]
-    for part in chunked(list(ids)):
-        session.execute(
-            update(model)
-            .where(model.id.in_(part), model.status == PENDING)
-            .values(attempts=model.attempts + 1, worker=worker)
-        )
+    _update_pending(session, kind, ids, lambda t: {"attempts": t.c.attempts + 1, "worker": worker})
 
 
-def judgment_inputs(session: Session, kind: str, ids: Sequence[int]) -> list[JudgmentInput]:
-    """Load the pending rows among ``ids`` with their images, positives and stage-1 ranks.
+def _update_pending(
+    session: Session, kind: str, ids: Sequence[int], values: Callable[[Table], Mapping[str, Any]]
+) -> None:
+    """Set ``values(table)`` on the rows among ``ids`` that are still pending."""
+    t = JUDGMENT_MODELS[kind].__table__
+    pg = is_postgres(session)
+    stmt = update(t).where(member_of(t.c.id, "ids", pg), t.c.status == PENDING).values(values(t))
+    for part in id_parts(ids, pg):
+        session.connection().execute(stmt, {"ids": part})
 
-    One joined SELECT per chunk: a worker calls this for every batch, so round trips count.
-    """
-    model = JUDGMENT_MODELS[kind]
-    tile_cols = [model.tile_first, model.tile_second] if kind == "pairwise" else [model.tile_id]
-    tiles = [aliased(Tile) for _ in tile_cols]
-    cands = [aliased(Candidate) for _ in tile_cols]
-    candidate_set = bindparam("candidate_set")
-    stmt = (
-        select(
-            model.id,
-            model.run_id,
-            model.query_id,
-            model.attempts,
-            Query.name,
-            Query.path,
-            GroundTruth.tile_id,
-            *tile_cols,
-            *(t.name for t in tiles),
-            *(t.path for t in tiles),
-            *(c.rank for c in cands),
-        )
-        .join(Query, Query.id == model.query_id)
-        .outerjoin(
-            GroundTruth, and_(GroundTruth.query_id == model.query_id, GroundTruth.relation == "positive")
-        )
-        .where(model.run_id == bindparam("run"))
+
+def pending_judgments(session: Session, kind: str, ids: Sequence[int]) -> list[Row]:
+    """The rows among ``ids`` still pending: ``id``, ``run_id``, ``query_id``, the key columns
+    (``tile_first``, ``tile_second`` or ``tile_id``) and ``attempts``."""
+    t = JUDGMENT_MODELS[kind].__table__
+    pg = is_postgres(session)
+    stmt = select(*(t.c[c] for c in ["id", "run_id", "query_id", *KEY_COLUMNS[kind], "attempts"])).where(
+        member_of(t.c.id, "ids", pg), t.c.status == PENDING
     )
-    for col, tile, cand in zip(tile_cols, tiles, cands, strict=True):
-        # The candidate set is a bound value, not a join through runs: PostgreSQL then probes the
-        # (candidate_set_id, query_id, tile_id) index per row even before tables are analysed.
-        stmt = stmt.join(tile, tile.id == col).outerjoin(
-            cand,
-            and_(
-                cand.candidate_set_id == candidate_set, cand.query_id == model.query_id, cand.tile_id == col
-            ),
-        )
-    runs: dict[int, int] = {}
-    for part in chunked(list(ids)):
-        runs.update(
-            session.execute(
-                select(Run.id, Run.candidate_set_id).where(
-                    Run.id.in_(select(model.run_id).where(model.id.in_(part)))
-                )
-            ).all()
-        )
-    n = len(tile_cols)
-    out = []
-    for (run_id, cs_id), part in ((r, p) for r in runs.items() for p in chunked(list(ids))):
-        params = {"run": run_id, "candidate_set": cs_id}
-        for r in session.execute(stmt.where(model.id.in_(part), model.status == PENDING), params):
-            positive = r[6]
-            tids = tuple(r[7 : 7 + n])
-            out.append(
-                JudgmentInput(
-                    id=r[0],
-                    run_id=r[1],
-                    query_id=r[2],
-                    query_name=r[4],
-                    query_path=r[5],
-                    tile_ids=tids,
-                    tile_names=tuple(r[7 + n : 7 + 2 * n]),
-                    tile_paths=tuple(r[7 + 2 * n : 7 + 3 * n]),
-                    positive=tuple(positive == t for t in tids),
-                    stage1_rank=tuple(10**6 if x is None else x for x in r[7 + 3 * n : 7 + 4 * n]),
-                    attempts=r[3],
-                )
-            )
-    return out
+    conn = session.connection()
+    return [r for part in id_parts(ids, pg) for r in conn.execute(stmt, {"ids": part}).all()]
 
 
-def record_outcomes(session: Session, kind: str, outcomes: Sequence[Mapping[str, Any]]) -> int:
+@dataclass(frozen=True)
+class QueryFacts:
+    """A query's image, its positive tile and its candidates in one candidate set: what a worker
+    needs besides the judgment row. None of it changes once imported."""
+
+    name: str
+    path: str
+    positive: int | None
+    candidates: Mapping[int, tuple[str, str, int]]  # tile id -> (name, path, stage-1 rank)
+
+
+def query_facts(session: Session, candidate_set_id: int, query_ids: Sequence[int]) -> dict[int, QueryFacts]:
+    """:class:`QueryFacts` of these queries in one SELECT (per SQLite-sized part)."""
+    c, t, q, g = Candidate.__table__, Tile.__table__, Query.__table__, GroundTruth.__table__
+    pg = is_postgres(session)
+    stmt = (
+        select(c.c.query_id, q.c.name, q.c.path, g.c.tile_id, c.c.tile_id, t.c.name, t.c.path, c.c.rank)
+        .select_from(
+            c.join(t, t.c.id == c.c.tile_id)
+            .join(q, q.c.id == c.c.query_id)
+            .outerjoin(g, and_(g.c.query_id == c.c.query_id, g.c.relation == "positive"))
+        )
+        .where(c.c.candidate_set_id == candidate_set_id, member_of(c.c.query_id, "ids", pg))
+    )
+    rows: dict[int, tuple] = {}
+    tiles: dict[int, dict[int, tuple[str, str, int]]] = defaultdict(dict)
+    conn = session.connection()
+    for part in id_parts(query_ids, pg):
+        for query_id, name, path, positive, tile_id, tile_name, tile_path, rank in conn.execute(
+            stmt, {"ids": part}
+        ):
+            rows[query_id] = (name, path, positive)
+            tiles[query_id][tile_id] = (tile_name, tile_path, rank)
+    return {query_id: QueryFacts(*head, candidates=tiles[query_id]) for query_id, head in rows.items()}
+
+
+def record_outcomes(
+    session: Session,
+    kind: str,
+    outcomes: Sequence[Mapping[str, Any]],
+    worker: str,
+    model_revision: str | None,
+) -> int:
     """Complete pending rows with their outcome; rows no longer pending are left untouched.
 
-    Each outcome holds ``id``, ``status`` and the result columns of its table. Returns how many
-    rows this call completed (a redelivered duplicate completes none).
+    Each outcome holds ``id``, ``status`` and the result columns of its table; ``worker`` and
+    ``model_revision`` are the batch's. Returns how many rows this call completed (a redelivered
+    duplicate completes none).
     """
     if not outcomes:
         return 0
-    model = JUDGMENT_MODELS[kind]
-    result_cols = (["first_wins", "p_first", "p_second"] if kind == "pairwise" else ["score", "probs"]) + [
-        "status",
-        "raw_output",
-        "error",
-        "latency_ms",
-        "worker",
-        "model_revision",
-    ]
-    stamp = now()
-    if session.get_bind().dialect.name == "postgresql":
-        return _record_outcomes_pg(session, model.__tablename__, result_cols, outcomes, stamp)
-    params = [{"b_id": o["id"], **{c: o.get(c) for c in result_cols}, "finished_at": stamp} for o in outcomes]
+    table = JUDGMENT_MODELS[kind].__table__
+    per_row = [*RESULT_COLUMNS[kind], "status", "raw_output", "error", "latency_ms"]
+    common = {"worker": worker, "model_revision": model_revision, "finished_at": now()}
+    if is_postgres(session):
+        return _record_outcomes_pg(session, table, per_row, outcomes, common)
+    params = [{"b_id": o["id"], **{c: o.get(c) for c in per_row}} for o in outcomes]
     stmt = (
-        update(model.__table__)
-        .where(and_(model.__table__.c.id == bindparam("b_id"), model.__table__.c.status == PENDING))
-        .values({c: bindparam(c) for c in [*result_cols, "finished_at"]})
+        update(table)
+        .where(and_(table.c.id == bindparam("b_id"), table.c.status == PENDING))
+        .values({**{c: bindparam(c) for c in per_row}, **common})
     )
     result = session.connection().execute(stmt, params)
     return result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(params)
 
 
-_PG_ARRAY_TYPES = {
-    "first_wins": "boolean[]",
-    "p_first": "float8[]",
-    "p_second": "float8[]",
-    "score": "float8[]",
-    "probs": "json[]",
-    "status": "text[]",
-    "raw_output": "text[]",
-    "error": "text[]",
-    "latency_ms": "float8[]",
-    "worker": "text[]",
-    "model_revision": "text[]",
-}
-
-
 def _record_outcomes_pg(
-    session: Session, table: str, cols: list[str], outcomes: Sequence[Mapping[str, Any]], stamp: datetime
+    session: Session,
+    table: Table,
+    cols: list[str],
+    outcomes: Sequence[Mapping[str, Any]],
+    common: Mapping[str, Any],
 ) -> int:
-    """One UPDATE ... FROM unnest(arrays) for the whole batch.
+    """One UPDATE ... FROM json_populate_recordset for the whole batch (see ``db/upsert.py``).
 
     An executemany of per-row UPDATEs costs the server one statement per judgment and the client a
-    parse of each; with arrays the SQL text is constant (cached) and the server does one hash join.
+    parse of each; with one recordset the SQL text is constant and the server does one hash join.
     """
-
-    def column(c: str) -> list[Any]:
-        if c == "probs":
-            return [None if o.get(c) is None else json.dumps(o[c]) for o in outcomes]
-        return [o.get(c) for o in outcomes]
-
-    arrays = ", ".join(f"CAST(:{c} AS {_PG_ARRAY_TYPES[c]})" for c in cols)
-    sets = ", ".join(f"{c} = d.{c}" for c in cols)
+    sets = ", ".join([*(f"{c} = d.{c}" for c in cols), *(f"{c} = :{c}" for c in common)])
     sql = text(
-        f"UPDATE {table} AS t SET {sets}, finished_at = :finished_at "
-        f"FROM unnest(CAST(:ids AS integer[]), {arrays}) AS d(id, {', '.join(cols)}) "
+        f"UPDATE {table.name} AS t SET {sets} FROM {pg_recordset(table)} "
         "WHERE t.id = d.id AND t.status = 'pending' RETURNING t.id"
     )
-    params = {"ids": [o["id"] for o in outcomes], "finished_at": stamp, **{c: column(c) for c in cols}}
-    return len(session.execute(sql, params).all())
+    # A column an outcome leaves out reads as NULL, as it should (a failed judgment has no result).
+    return len(session.execute(sql, {"rows": pg_rows(outcomes), **common}).all())
 
 
 def abandon(session: Session, kind: str, ids: Sequence[int], error: str) -> None:
     """Give up on rows whose attempts are spent: recorded as failed, never asked again."""
-    model = JUDGMENT_MODELS[kind]
-    for part in chunked(list(ids)):
-        session.execute(
-            update(model)
-            .where(model.id.in_(part), model.status == PENDING)
-            .values(status=FAILED, error=error, finished_at=now())
-        )
+    _update_pending(session, kind, ids, lambda t: {"status": FAILED, "error": error, "finished_at": now()})
 
 
 __all__ = [
     "DONE",
     "FAILED",
     "PENDING",
-    "JudgmentInput",
+    "QueryFacts",
     "RunInfo",
-    "StoredPair",
-    "StoredScore",
 ]

@@ -16,21 +16,24 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import DONE, Run
-from db.queries import JUDGMENT_MODELS, RunInfo, chunked, now
+from db.queries import (
+    JUDGMENT_MODELS,
+    KEY_COLUMNS,
+    RESULT_COLUMNS,
+    RunInfo,
+    id_parts,
+    is_postgres,
+    member_of,
+    now,
+)
 from db.upsert import insert_ignore
 
 # Judges whose answer depends on the candidate set (stage-1 ranks), not only on the images.
 CONTEXT_JUDGES = frozenset({"simulated"})
-
-_RESULT_COLUMNS = {
-    "pairwise": ("first_wins", "p_first", "p_second"),
-    "pointwise": ("score", "probs"),
-}
-_KEY_COLUMNS = {"pairwise": ("tile_first", "tile_second"), "pointwise": ("tile_id",)}
 
 
 def reuse_enabled(info: RunInfo) -> bool:
@@ -58,7 +61,8 @@ def reuse_sources(session: Session, info: RunInfo) -> list[int]:
         run_id
         for run_id, params in session.execute(stmt)
         # --decode generate reads a different answer than the forward pass: not the same judgment.
-        if (_canonical((params or {}).get("judge_options")), (params or {}).get("decode", "choices")) == wanted
+        if (_canonical((params or {}).get("judge_options")), (params or {}).get("decode", "choices"))
+        == wanted
     )
 
 
@@ -74,25 +78,27 @@ def reusable(
     if not source_runs or not query_ids:
         return out
     model = JUDGMENT_MODELS[kind]
-    keys = _KEY_COLUMNS[kind]
+    keys = KEY_COLUMNS[kind]
     cols = [
         model.id,
         model.reused_from_id,
         model.query_id,
         *(model.__table__.c[k] for k in keys),
-        *(model.__table__.c[c] for c in _RESULT_COLUMNS[kind]),
+        *(model.__table__.c[c] for c in RESULT_COLUMNS[kind]),
         model.raw_output,
         model.worker,
         model.model_revision,
     ]
-    for runs in chunked(list(source_runs)):
-        for part in chunked(list(query_ids)):
-            rows = session.execute(
-                select(*cols)
-                .where(model.run_id.in_(runs), model.query_id.in_(part), model.status == DONE)
-                .order_by(model.id)
-            )
-            for r in rows:
+    pg = is_postgres(session)
+    t = model.__table__
+    stmt = (
+        select(*cols)
+        .where(member_of(t.c.run_id, "runs", pg), member_of(t.c.query_id, "ids", pg), model.status == DONE)
+        .order_by(model.id)
+    )
+    for runs in id_parts(source_runs, pg):
+        for part in id_parts(query_ids, pg):
+            for r in session.execute(stmt, {"runs": runs, "ids": part}):
                 m = r._mapping
                 key = tuple(m[k] for k in keys) if len(keys) > 1 else m[keys[0]]
                 found = out[m["query_id"]].get(key)
@@ -106,8 +112,8 @@ def copy_row(kind: str, run_id: int, source: Mapping[str, Any]) -> dict[str, Any
     row = {
         "run_id": run_id,
         "query_id": source["query_id"],
-        **{k: source[k] for k in _KEY_COLUMNS[kind]},
-        **{c: source[c] for c in _RESULT_COLUMNS[kind]},
+        **{k: source[k] for k in KEY_COLUMNS[kind]},
+        **{c: source[c] for c in RESULT_COLUMNS[kind]},
         "status": DONE,
         "raw_output": source["raw_output"],
         "worker": source["worker"],
@@ -127,7 +133,7 @@ def insert_reused(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]
     if not rows:
         return 0, set()
     model = JUDGMENT_MODELS[kind]
-    key = ["run_id", "query_id", *_KEY_COLUMNS[kind]]
+    key = ["run_id", "query_id", *KEY_COLUMNS[kind]]
     stored = insert_ignore(session, model.__table__, rows, key=key, returning=["id", "query_id"])
     per_query: dict[int, int] = defaultdict(int)
     for _, q in stored:
@@ -136,16 +142,3 @@ def insert_reused(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]
     for r in rows:
         asked[r["query_id"]] += 1
     return len(stored), {q for q, n in asked.items() if per_query[q] < n}
-
-
-def reused_count(session: Session, run_id: int) -> int:
-    """Judgments of the run copied from earlier runs."""
-    return sum(
-        session.scalar(
-            select(func.count())
-            .select_from(model)
-            .where(model.run_id == run_id, model.reused_from_id.is_not(None))
-        )
-        or 0
-        for model in JUDGMENT_MODELS.values()
-    )

@@ -501,13 +501,13 @@ def _drive(
     start()
     if not wait:
         return None
-    # Poll once a second: each poll counts the run's judgments, which is work for the database.
+    # Poll twice a second: each poll counts the run's judgments, which is work for the database.
     return wait_for_run(
         sf,
         run_id,
         on_stall=lambda: reconcile(run_id, _stall_seconds(), sf),
         stall_seconds=_stall_seconds(),
-        poll=1.0,
+        poll=0.5,
     )
 
 

@@ -4,6 +4,9 @@
 ``cvgl.advance`` task when workers store verdicts, and by ``resume``; the same call resumes after
 any crash because the strategy replays from what the database holds. New judgments are created
 as pending rows first (their insert decides who enqueues them) and enqueued after the commit.
+Between rounds a coordinator process keeps what it read (``replay_cache.py``): a round re-reads
+only the judgments it still waits on, and a replay that asks for a row it did not know reads that
+query in full and replays it again, so several coordinator processes stay correct.
 
 Judgment reuse: a needed judgment that another run already stored for the same judge, model,
 revision, prompt and judge options (``db/reuse.py``) is copied into this run as done, with
@@ -14,28 +17,24 @@ run that repeats an earlier one finishes without a worker. ``--no-reuse`` turns 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
-from db.models import FAILED, PENDING
 from db.queries import (
     RunInfo,
     add_pending,
-    candidate_lists,
     chunked,
     finish_run_if_complete,
-    mark_enqueued,
     open_queries,
-    pairwise_outcomes,
-    pointwise_outcomes,
     run_info,
     write_rankings,
 )
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
+from orchestrator.replay_cache import JUDGMENTS, QueryJudgments, RunKey, cached_candidate_lists, run_key
 from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value
 from workers.tasks import judge_pairwise, judge_pointwise
 
@@ -60,30 +59,6 @@ class UnknownRun(LookupError):
     pass
 
 
-# Candidate lists never change once imported; the coordinator replays the same queries again and
-# again (a merge sort of 20 takes up to 35 rounds), so it keeps them instead of re-reading them.
-_CANDIDATES: OrderedDict[tuple[int, int, int], list[int]] = OrderedDict()
-_CANDIDATES_MAX = 100_000
-
-
-def cached_candidate_lists(
-    s: Session, candidate_set_id: int, query_ids: Sequence[int], k: int
-) -> dict[int, list[int]]:
-    missing = [q for q in query_ids if (candidate_set_id, k, q) not in _CANDIDATES]
-    if missing:
-        for q, tiles in candidate_lists(s, candidate_set_id, missing, k).items():
-            _CANDIDATES[(candidate_set_id, k, q)] = tiles
-        while len(_CANDIDATES) > _CANDIDATES_MAX:
-            _CANDIDATES.popitem(last=False)
-    out = {}
-    for q in query_ids:
-        tiles = _CANDIDATES.get((candidate_set_id, k, q))
-        if tiles is not None:
-            _CANDIDATES.move_to_end((candidate_set_id, k, q))
-            out[q] = tiles
-    return out
-
-
 def strategy_for(info: RunInfo) -> Strategy:
     return get_strategy(info.strategy, **info.params.get("strategy_options", {}))
 
@@ -96,61 +71,101 @@ def advance(
     result = Advance()
     with sessions() as s:
         info = run_info(s, run_id)
-    if info is None:
-        raise UnknownRun(f"run {run_id} does not exist")
-    if info.status == "done":
-        result.run_done = True
-        return result
-    strategy = strategy_for(info)
-    with sessions() as s:
+        if info is None:
+            raise UnknownRun(f"run {run_id} does not exist")
+        if info.status == "done":
+            result.run_done = True
+            return result
         todo = open_queries(s, run_id, query_ids)
         sources = reuse_sources(s, info) if todo and reuse_enabled(info) else []
+        run = run_key(s, run_id)
+    strategy = strategy_for(info)
     for part in chunked(todo, REPLAY_CHUNK):
+        try:
+            with sessions.begin() as s:
+                replayed = _replay_part(s, run, info, strategy, part, sources)
+        except BaseException:
+            JUDGMENTS.forget(run, part)  # what this transaction wrote may not be stored
+            raise
+        # Committed: now the new pending rows are facts the cache may hold.
+        JUDGMENTS.add_pending(run, strategy.kind, replayed.inserted)
+        JUDGMENTS.forget(run, replayed.finished | replayed.reused_queries)
+        result.finished_queries += len(replayed.finished)
+        result.new_judgments += len(replayed.inserted)
+        result.reused_judgments += replayed.reused
+        result.tasks_sent += enqueue(info, strategy.kind, [row[0] for row in replayed.inserted])
+    if result.finished_queries or not todo:
+        # After the commits: two calls finishing the last two queries at once each see the other's.
         with sessions.begin() as s:
-            finished, new_ids, reused = _replay_part(s, info, strategy, part, sources)
-        result.finished_queries += finished
-        result.new_judgments += len(new_ids)
-        result.reused_judgments += reused
-        result.tasks_sent += enqueue(sessions, info, strategy.kind, new_ids)
-    with sessions.begin() as s:
-        result.run_done = finish_run_if_complete(s, run_id)
+            result.run_done = finish_run_if_complete(s, run_id)
     return result
 
 
+@dataclass
+class Replayed:
+    """What one replay transaction wrote."""
+
+    finished: set[int] = field(default_factory=set)  # queries whose ranking it wrote
+    inserted: list[tuple] = field(default_factory=list)  # new pending rows: (id, query_id, *key)
+    reused: int = 0  # judgments copied from earlier runs
+    reused_queries: set[int] = field(default_factory=set)
+    conflicted: list[int] = field(default_factory=list)  # queries that asked for rows that exist
+
+
 def _replay_part(
-    s: Session, info: RunInfo, strategy: Strategy, query_ids: Sequence[int], sources: Sequence[int] = ()
-) -> tuple[int, list[int], int]:
+    s: Session,
+    run: RunKey,
+    info: RunInfo,
+    strategy: Strategy,
+    query_ids: Sequence[int],
+    sources: Sequence[int] = (),
+) -> Replayed:
     candidates = cached_candidate_lists(s, info.candidate_set_id, query_ids, info.k)
-    if strategy.kind == "pairwise":
-        stored = pairwise_outcomes(s, info.id, query_ids)
-    else:
-        stored = pointwise_outcomes(s, info.id, query_ids)
     offers = reusable(s, strategy.kind, sources, query_ids) if sources else {}
+    probabilities = getattr(strategy, "reads_probabilities", False)
+    known = JUDGMENTS.view(s, run, strategy.kind, probabilities, query_ids)
+    out = _replay_queries(s, info, strategy, query_ids, candidates, known, offers)
+    if out.conflicted:
+        # Rows this process did not know (another coordinator or ``resume`` inserted them): read
+        # those queries in full and replay them again, so that this replay decides what a full read
+        # would (the cache's guarantee, see replay_cache.py).
+        known = JUDGMENTS.reload(s, run, strategy.kind, probabilities, out.conflicted)
+        again = _replay_queries(s, info, strategy, out.conflicted, candidates, known, offers)
+        out.finished |= again.finished
+        out.inserted += again.inserted
+        out.reused += again.reused
+        out.reused_queries |= again.reused_queries
+    return out
+
+
+def _replay_queries(
+    s: Session,
+    info: RunInfo,
+    strategy: Strategy,
+    query_ids: Sequence[int],
+    candidates: Mapping[int, list[int]],
+    known: Mapping[int, QueryJudgments],
+    offers: Mapping[int, dict],
+) -> Replayed:
     probabilities = getattr(strategy, "reads_probabilities", False)
     orders: dict[int, tuple] = {}
     pending_rows: list[dict] = []
     reused_rows: list[dict] = []
     for q in query_ids:
         cands = candidates.get(q, [])
-        rows = stored.get(q, {})
-        if strategy.kind == "pairwise":
-            # A failed comparison counts as "first wins": the order shown (current order) is kept.
-            outcomes = {
-                pair: pairwise_value(r.status == FAILED, r.first_wins, r.p_first, probabilities=probabilities)
-                for pair, r in rows.items()
-                if r.status != PENDING
-            }
-        else:
-            outcomes = {
-                t: (None if r.status == FAILED else r.score) for t, r in rows.items() if r.status != PENDING
-            }
+        stored = known[q]
+        outcomes = stored.outcomes
         offer = offers.get(q, {})
         while True:
             step = strategy.replay(cands, outcomes)
             if isinstance(step, Done):
                 break
             # Copy what an earlier run already judged, then replay: the copies may expose more.
-            hits = [item for item in step.items if item not in rows and item in offer]
+            hits = [item for item in step.items if item not in stored and item in offer]
+            if not hits:
+                break
+            if outcomes is stored.outcomes:
+                outcomes = dict(outcomes)  # the copies are not stored yet: keep them out of the cache
             for item in hits:
                 src = offer.pop(item)
                 reused_rows.append(copy_row(strategy.kind, info.id, src))
@@ -159,13 +174,11 @@ def _replay_part(
                     if strategy.kind == "pairwise"
                     else src["score"]
                 )
-            if not hits:
-                break
         if isinstance(step, Done):
             orders[q] = step.order
             continue
         for item in step.items:
-            if item in rows:  # already pending: in flight, or reconciled later
+            if item in stored:  # already pending: in flight, or reconciled later
                 continue
             if strategy.kind == "pairwise":
                 pending_rows.append(
@@ -173,25 +186,30 @@ def _replay_part(
                 )
             else:
                 pending_rows.append({"run_id": info.id, "query_id": q, "tile_id": item})
+    out = Replayed()
     # A copy that lost to a row stored meanwhile (a concurrent replay): the replay above read the
-    # copy, so wait for the stored row's outcome before writing that query's ranking.
-    reused, contested = insert_reused(s, strategy.kind, reused_rows)
+    # copy, so that query is replayed again from what is stored before its ranking is written.
+    out.reused, contested = insert_reused(s, strategy.kind, reused_rows)
+    out.reused_queries = {row["query_id"] for row in reused_rows}
     orders = {q: order for q, order in orders.items() if q not in contested}
     if orders:
         write_rankings(s, info.id, orders)
-    new_ids = add_pending(s, strategy.kind, pending_rows)
-    return len(orders), new_ids, reused
+    out.finished = set(orders)
+    out.inserted = add_pending(s, strategy.kind, pending_rows)
+    asked = Counter(row["query_id"] for row in pending_rows)
+    asked.subtract(row[1] for row in out.inserted)
+    out.conflicted = sorted({q for q, n in asked.items() if n > 0} | contested)
+    return out
 
 
-def enqueue(sessions: sessionmaker[Session], info: RunInfo, kind: str, ids: Sequence[int]) -> int:
-    """Send judgment ids to the run's model queue in tasks of ``batch_size``; stamp them enqueued."""
-    if not ids:
-        return 0
+def enqueue(info: RunInfo, kind: str, ids: Sequence[int]) -> int:
+    """Send judgment ids to the run's model queue in tasks of ``batch_size``; returns tasks sent.
+
+    New rows were stamped enqueued by their insert; ``reconcile`` stamps the rows it sends again.
+    """
     task = judge_pairwise if kind == "pairwise" else judge_pointwise
     sent = 0
     for batch in chunked(list(ids), max(1, info.batch_size)):
         task.apply_async(args=[list(batch)], queue=info.queue)
-        with sessions.begin() as s:
-            mark_enqueued(s, kind, batch)
         sent += 1
     return sent

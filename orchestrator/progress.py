@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from sqlalchemy import func, select
@@ -13,11 +13,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from db.models import PairwiseVerdict, PointwiseScore, Run, RunQuery
-from db.reuse import reused_count
+from db.models import DONE, FAILED, PENDING, PairwiseVerdict, PointwiseScore, Run, RunQuery
 
 log = logging.getLogger(__name__)
 P = TypeVar("P")
+JUDGMENT_COUNT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,28 @@ class RunProgress:
         return (self.queries_done, self.judgments_pending, self.judgments_done, self.judgments_failed)
 
 
-def run_progress(s: Session, run_id: int) -> RunProgress | None:
+def run_progress(s: Session, run_id: int, judgments: RunProgress | None = None) -> RunProgress | None:
+    """Where the run stands. ``judgments``: take the judgment counts from this earlier reading
+    instead of counting them again (counting reads every judgment row of the run)."""
     run = s.get(Run, run_id)
     if run is None:
         return None
     total, done = s.execute(
         select(func.count(), func.count(RunQuery.done_at)).where(RunQuery.run_id == run_id)
     ).one()
-    counts = {"pending": 0, "done": 0, "failed": 0}
+    if judgments is not None:
+        return replace(judgments, status=run.status, queries_total=total, queries_done=done)
+    # One pass over each table's rows of the run.
+    counts = {"pending": 0, "done": 0, "failed": 0, "reused": 0}
     for model in (PairwiseVerdict, PointwiseScore):
-        for status, n in s.execute(
-            select(model.status, func.count()).where(model.run_id == run_id).group_by(model.status)
-        ):
-            counts[status] += n
+        row = s.execute(
+            select(
+                *(func.count().filter(model.status == status) for status in (PENDING, DONE, FAILED)),
+                func.count(model.reused_from_id),
+            ).where(model.run_id == run_id)
+        ).one()
+        for name, n in zip(counts, row, strict=True):
+            counts[name] += n or 0
     return RunProgress(
         run_id=run.id,
         status=run.status,
@@ -68,7 +77,7 @@ def run_progress(s: Session, run_id: int) -> RunProgress | None:
         judgments_pending=counts["pending"],
         judgments_done=counts["done"],
         judgments_failed=counts["failed"],
-        judgments_reused=reused_count(s, run_id),
+        judgments_reused=counts["reused"],
     )
 
 
@@ -171,10 +180,20 @@ def wait_for_run(
         RunStalled: after ``max_stalls`` reconciles in a row that moved nothing.
     """
 
+    counted: list[tuple[float, RunProgress]] = []  # when the judgments were last counted, and how
+
     def read() -> RunProgress:
+        # Queries done and the run's status at every poll; judgment counts (a pass over all the
+        # run's judgment rows) every few seconds, and when the run is done.
+        fresh = not counted or time.monotonic() - counted[-1][0] >= JUDGMENT_COUNT_SECONDS
         with sessions() as s:
-            p = run_progress(s, run_id)
-        assert p is not None
+            p = run_progress(s, run_id, None if fresh else counted[-1][1])
+            assert p is not None
+            if not fresh and p.finished:
+                p = run_progress(s, run_id)
+                fresh = True
+        if fresh:
+            counted[:] = [(time.monotonic(), p)]
         return p
 
     return follow(

@@ -13,7 +13,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
-from db.queries import now, run_info, stale_pending
+from db.queries import mark_enqueued, now, run_info, stale_pending
 from orchestrator.coordinator import UnknownRun, advance, enqueue, strategy_for
 
 
@@ -40,7 +40,9 @@ def reconcile(
         cutoff = None if stale_after is None else now() - timedelta(seconds=stale_after)
         ids = stale_pending(s, run_id, kind, cutoff)
     out = Reconciled(requeued=len(ids))
-    out.tasks_sent = enqueue(sessions, info, kind, ids)
+    out.tasks_sent = enqueue(info, kind, ids)
+    with sessions.begin() as s:
+        mark_enqueued(s, kind, ids)
     step = advance(run_id, sessions=sessions)
     out.tasks_sent += step.tasks_sent
     out.new_judgments = step.new_judgments

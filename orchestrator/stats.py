@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_CONFIDENCE = 0.95
@@ -110,6 +109,8 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     n = only_a + only_b
     if n == 0:
         return 1.0
+    from scipy.stats import binom  # here, not at the top: every CLI command loads this module
+
     return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), n, 0.5)))
 
 

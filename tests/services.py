@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
@@ -104,6 +104,7 @@ class PostgresServer:
 
     directory: Path | None
     port: int
+    settings: dict[str, str] = field(default_factory=dict)  # extra server settings, kept for restarts
 
     def __post_init__(self) -> None:
         if self.directory is None:
@@ -125,7 +126,9 @@ class PostgresServer:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 
-    def start(self) -> PostgresServer:
+    def start(self, **settings: str) -> PostgresServer:
+        """Start the server; ``settings`` are extra ``-c name=value`` server settings."""
+        self.settings.update(settings)
         bin_dir = _pg_bin()
         self.directory.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -141,7 +144,8 @@ class PostgresServer:
             "-l",
             str(self.directory / "pg.log"),
             "-o",
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+            + "".join(f" -c {k}={v}" for k, v in self.settings.items()),
             "start",
         )
         wait_for_port(self.port)

@@ -17,17 +17,10 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db.engine import session_factory
-from db.queries import (
-    JudgmentInput,
-    RunInfo,
-    abandon,
-    claim,
-    judgment_inputs,
-    record_outcomes,
-    run_info,
-)
+from db.queries import RunInfo, abandon, claim, record_outcomes
 from workers.app import app
 from workers.control import record_served
+from workers.inputs import JudgmentInput, judgment_inputs
 from workers.judges.base import JudgeRequest
 from workers.judging import Item, Outcome, failed, resolve_image, run_batch
 from workers.prompts import load_prompt
@@ -77,9 +70,9 @@ def worker_name(task: Task) -> str:
 def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
     sessions = session_factory()
     worker = worker_name(task)
+    runs: dict[int, RunInfo | None] = {}
     with sessions.begin() as s:
-        inputs = judgment_inputs(s, kind, ids)
-        runs = {r: run_info(s, r) for r in {i.run_id for i in inputs}}
+        inputs = judgment_inputs(s, kind, ids, runs)
         # First delivery (the common case): count the attempt in the same transaction.
         first_delivery = all(i.attempts == 0 for i in inputs)
         if inputs and first_delivery:
@@ -92,8 +85,6 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
         by_run[inp.run_id].append(inp)
     for run_id, group in by_run.items():
         info = runs[run_id]
-        if info is None:
-            continue
         spent = [i.id for i in group if i.attempts >= info.max_attempts]
         live = [i for i in group if i.attempts < info.max_attempts]
         if spent:
@@ -118,7 +109,9 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
         elif live:
             stored += _judge_and_store(sessions, kind, info, live, worker, claimed=True)
         _notify_coordinator(run_id, sorted({i.query_id for i in group}))
-    record_served(stored, [{"judge": j.name, "model": j.model, "revision": j.revision} for j in loaded_judges()])
+    record_served(
+        stored, [{"judge": j.name, "model": j.model, "revision": j.revision} for j in loaded_judges()]
+    )
     return stored
 
 
@@ -148,12 +141,14 @@ def _judge_and_store(
             except ValueError as exc:
                 outcomes.append(failed(inp.id, str(exc)))
         outcomes.extend(run_batch(judge, prompt, items, decode=info.params.get("decode", "choices")))
-    rows = [{**o.row(), "worker": worker, "model_revision": revision} for o in outcomes]
     with sessions.begin() as s:
-        return record_outcomes(s, kind, rows)
+        return record_outcomes(s, kind, [o.row() for o in outcomes], worker=worker, model_revision=revision)
 
 
 def _request(info: RunInfo, prompt_text: str, inp: JudgmentInput) -> JudgeRequest:
+    problem = inp.problem()
+    if problem:
+        raise ValueError(problem)
     images = (resolve_image(info.dataset_root, inp.query_path),) + tuple(
         resolve_image(info.dataset_root, p) for p in inp.tile_paths
     )

@@ -42,12 +42,14 @@ def _sort(items: list, outcomes: Mapping, needs: list) -> list | None:
         return None
     merged = []
     i = j = 0
-    while i < len(left) and j < len(right):
+    n_left, n_right = len(left), len(right)
+    while i < n_left and j < n_right:
         pair = (left[i], right[j])
-        if pair not in outcomes:
+        first_wins = outcomes.get(pair)  # one lookup: the coordinator replays this every round
+        if first_wins is None:
             needs.append(pair)
             return None
-        if outcomes[pair]:
+        if first_wins:
             merged.append(left[i])
             i += 1
         else:
