@@ -178,8 +178,10 @@ def main() -> None:
         procs.append(start([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "prefork", "-c",
                             str(args.workers), "-Q", "vlm.simulated", "-n", "judge@%h", "--without-gossip",
                             "--without-mingle", "--loglevel", "INFO"], env, work / "judge.log"))
-        procs.append(start([sys.executable, "-m", "celery", "-A", "orchestrator.tasks", "worker", "-P", "prefork",
-                            "-c", str(args.coordinators), "-Q", "coordination", "-n", "coord@%h", "--without-gossip",
+        # As `orchestrator coordinator` starts it: a solo pool for one process, prefork for more.
+        pool = ["-P", "solo"] if args.coordinators == 1 else ["-P", "prefork", "-c", str(args.coordinators)]
+        procs.append(start([sys.executable, "-m", "celery", "-A", "orchestrator.tasks", "worker", *pool,
+                            "-Q", "coordination", "-n", "coord@%h", "--without-gossip",
                             "--without-mingle", "--loglevel", "INFO"], env, work / "coord.log"))
         from sqlalchemy import func, select
 

@@ -776,13 +776,22 @@ def worker(model: str, gpu: int | None, concurrency: int, queue: str | None, log
 
 
 @cli.command()
-@click.option("--concurrency", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes. One (the default, a solo pool) keeps each open query's judgments between rounds; "
+    "more (a prefork pool) stay correct but re-read more.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors
 def coordinator(concurrency: int, loglevel: str, dry_run: bool) -> None:
     """Start the coordination worker (replays strategies as verdicts arrive)."""
-    argv = ["celery", "-A", "orchestrator.tasks", "worker", "-Q", COORDINATION_QUEUE, "-c", str(concurrency),
+    # One process runs its tasks itself (solo): prefork would hand each task to a child.
+    pool = ["-P", "solo"] if concurrency == 1 else ["-P", "prefork", "-c", str(concurrency)]
+    argv = ["celery", "-A", "orchestrator.tasks", "worker", "-Q", COORDINATION_QUEUE, *pool,
             "-n", "coordinator@%h", "-E", "--loglevel", loglevel]
     if dry_run:
         click.echo(" ".join(argv))
