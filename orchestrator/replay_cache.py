@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from db.engine import database_of
 from db.models import FAILED, PENDING
 from db.queries import candidate_lists, finished_rows, judgment_rows
+from db.row_cache import ImmutableRowsCache
 from orchestrator.strategies.base import pairwise_value
 
 # Queries whose judgments one coordinator process keeps (about 10 kB each at most, for K=20). A run
@@ -39,30 +40,17 @@ from orchestrator.strategies.base import pairwise_value
 CACHE_QUERIES_ENV = "CVGL_COORDINATOR_CACHE_QUERIES"
 DEFAULT_CACHE_QUERIES = 20_000
 
-_CANDIDATES: OrderedDict[tuple[str, int, int, int], list[int]] = OrderedDict()
-_CANDIDATES_MAX = 100_000
-_CANDIDATES_LOCK = threading.Lock()
+# Stage-1 top-k tile ids per (candidate set, k) and query: candidate lists never change.
+CANDIDATES: ImmutableRowsCache[list[int]] = ImmutableRowsCache(
+    lambda s, scope, query_ids: candidate_lists(s, scope[0], query_ids, scope[1]), max_items=100_000
+)
 
 
 def cached_candidate_lists(
     s: Session, candidate_set_id: int, query_ids: Sequence[int], k: int
 ) -> dict[int, list[int]]:
-    """Stage-1 top-k tile ids per query, read once per process: candidate lists never change."""
-    db = database_of(s)
-    with _CANDIDATES_LOCK:
-        missing = [q for q in query_ids if (db, candidate_set_id, k, q) not in _CANDIDATES]
-    loaded = candidate_lists(s, candidate_set_id, missing, k) if missing else {}
-    out = {}
-    with _CANDIDATES_LOCK:
-        _CANDIDATES.update({(db, candidate_set_id, k, q): tiles for q, tiles in loaded.items()})
-        for q in query_ids:
-            tiles = _CANDIDATES.get((db, candidate_set_id, k, q))
-            if tiles is not None:
-                _CANDIDATES.move_to_end((db, candidate_set_id, k, q))
-                out[q] = tiles
-        while len(_CANDIDATES) > _CANDIDATES_MAX:
-            _CANDIDATES.popitem(last=False)
-    return out
+    """Stage-1 top-k tile ids per query, read once per process."""
+    return CANDIDATES.get(s, (candidate_set_id, k), query_ids)
 
 
 @dataclass

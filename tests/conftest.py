@@ -17,3 +17,15 @@ def _isolated_env(monkeypatch, tmp_path):
         if name.startswith("CVGL_") and not name.startswith("CVGL_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("CVGL_HOME", str(tmp_path / "cvgl-home"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only spins, and makes each
+    call several times slower. Modules that run torch use it with ``pytestmark``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

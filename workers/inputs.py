@@ -9,15 +9,13 @@ them once and keeps them: a bounded per-process cache, least recently used out.
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
-from db.engine import database_of
 from db.queries import QueryFacts, RunInfo, pending_judgments, query_facts, run_info
+from db.row_cache import ImmutableRowsCache
 
 CACHE_QUERIES_ENV = "CVGL_WORKER_CACHE_QUERIES"
 DEFAULT_CACHE_QUERIES = 50_000
@@ -54,37 +52,10 @@ class JudgmentInput(NamedTuple):
         return None
 
 
-class FactsCache:
-    """(database, candidate set, query) -> :class:`QueryFacts`, read from the database on a miss."""
-
-    def __init__(self, max_queries: int | None = None) -> None:
-        self.max_queries = max_queries or int(os.environ.get(CACHE_QUERIES_ENV, DEFAULT_CACHE_QUERIES))
-        self._facts: OrderedDict[tuple[str, int, int], QueryFacts] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, s: Session, candidate_set_id: int, query_ids: Sequence[int]) -> dict[int, QueryFacts]:
-        db = database_of(s)
-        with self._lock:
-            out = {q: f for q in query_ids if (f := self._facts.get((db, candidate_set_id, q))) is not None}
-            for q in out:
-                self._facts.move_to_end((db, candidate_set_id, q))
-        missing = sorted({q for q in query_ids if q not in out})
-        if missing:
-            loaded = query_facts(s, candidate_set_id, missing)
-            out.update(loaded)
-            with self._lock:
-                for q, facts in loaded.items():
-                    self._facts[(db, candidate_set_id, q)] = facts
-                while len(self._facts) > self.max_queries:
-                    self._facts.popitem(last=False)
-        return out
-
-    def clear(self) -> None:
-        with self._lock:
-            self._facts.clear()
-
-
-FACTS = FactsCache()
+# (candidate set, query) -> the query's facts.
+FACTS: ImmutableRowsCache[QueryFacts] = ImmutableRowsCache(
+    query_facts, max_items=int(os.environ.get(CACHE_QUERIES_ENV, DEFAULT_CACHE_QUERIES))
+)
 
 
 def judgment_inputs(

@@ -25,13 +25,7 @@ MODEL = "convnext_atto"  # the smallest timm ConvNeXt: same family and head as C
 IMG = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two cores shared by several test runs: a second intra-op thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

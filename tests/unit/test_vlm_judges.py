@@ -42,13 +42,7 @@ FAMILIES = ["llava", "qwen2.5-vl"]
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: two spinning OpenMP threads make each call ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
