@@ -151,6 +151,30 @@ def open_queries(session: Session, run_id: int, query_ids: Iterable[int] | None 
     return sorted(out)
 
 
+def admitted_queries(session: Session, run_id: int, window: int, kind: str | None = None) -> list[int]:
+    """With at most ``window`` queries open at once: the open queries let in now.
+
+    Queries are let in in query id order, one for each that finished: those ranked below
+    ``finished + window``. With ``kind``, only those with no judgment row yet (let in, never
+    started), which the caller starts; without, all of them (a full replay).
+    """
+    rq = RunQuery.__table__
+    finished = session.scalar(
+        select(func.count()).select_from(rq).where(rq.c.run_id == run_id, rq.c.done_at.is_not(None))
+    )
+    first = (
+        select(rq.c.query_id)
+        .where(rq.c.run_id == run_id)
+        .order_by(rq.c.query_id)
+        .limit((finished or 0) + window)
+    )
+    stmt = select(rq.c.query_id).where(rq.c.run_id == run_id, rq.c.done_at.is_(None), rq.c.query_id.in_(first))
+    if kind is not None:
+        j = JUDGMENT_MODELS[kind].__table__
+        stmt = stmt.where(~select(j.c.id).where(j.c.run_id == run_id, j.c.query_id == rq.c.query_id).exists())
+    return sorted(session.connection().scalars(stmt))
+
+
 def finish_run_if_complete(session: Session, run_id: int) -> bool:
     """Mark the run done when every query has a ranking (guarded: once)."""
     left = session.scalar(
@@ -248,13 +272,16 @@ def mark_enqueued(session: Session, kind: str, ids: Sequence[int]) -> None:
         session.connection().execute(stmt, {"ids": part})
 
 
-def stale_pending(session: Session, run_id: int, kind: str, older_than: datetime | None) -> list[int]:
-    """Pending rows never enqueued, or enqueued before ``older_than`` (None: every pending row)."""
+def stale_pending(
+    session: Session, run_id: int, kind: str, older_than: datetime | None
+) -> list[tuple[int, int]]:
+    """``(id, query_id)`` of pending rows never enqueued, or enqueued before ``older_than`` (None:
+    every pending row)."""
     model = JUDGMENT_MODELS[kind]
-    stmt = select(model.id).where(model.run_id == run_id, model.status == PENDING)
+    stmt = select(model.id, model.query_id).where(model.run_id == run_id, model.status == PENDING)
     if older_than is not None:
         stmt = stmt.where(or_(model.enqueued_at.is_(None), model.enqueued_at < older_than))
-    return list(session.scalars(stmt.order_by(model.query_id, model.id)))
+    return [(i, q) for i, q in session.execute(stmt.order_by(model.query_id, model.id))]
 
 
 def write_rankings(session: Session, run_id: int, orders: Mapping[int, Sequence[int]]) -> None:

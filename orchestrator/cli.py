@@ -44,7 +44,7 @@ from orchestrator.synth import write_synthetic_vigor
 from workers.app import is_embedded
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
-from workers.queues import COORDINATION_QUEUE, model_slug, queue_for
+from workers.queues import COORDINATION_QUEUE, model_slug, queue_for, run_queues, vlm_shards, worker_queues
 
 log = logging.getLogger("orchestrator")
 
@@ -143,13 +143,27 @@ def migrate() -> None:
     type=click.IntRange(min=16, max=1024),
     default=64,
     show_default=True,
-    help="Tile side in pixels.",
+    help="Tile side in pixels (VIGOR: 640).",
+)
+@click.option(
+    "--panorama-height",
+    type=click.IntRange(min=16, max=2048),
+    default=None,
+    help="Panorama height; panoramas are twice as wide (default: the tile side; VIGOR: 1024).",
 )
 @user_errors
-def synth(directory: Path, n_queries: int, k: int, seed: int, cities: str, image_size: int) -> None:
+def synth(
+    directory: Path, n_queries: int, k: int, seed: int, cities: str, image_size: int, panorama_height: int | None
+) -> None:
     """Write a synthetic dataset in the VIGOR layout, plus DIRECTORY/candidates.csv."""
     summary = write_synthetic_vigor(
-        directory, n_queries, k=k, seed=seed, cities=_split(cities), image_size=image_size
+        directory,
+        n_queries,
+        k=k,
+        seed=seed,
+        cities=_split(cities),
+        image_size=image_size,
+        panorama_height=panorama_height,
     )
     click.echo(
         f"wrote {summary.n_queries} panoramas and {summary.n_tiles} tiles in {', '.join(summary.cities)} "
@@ -403,6 +417,14 @@ def retrieve(
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judgments per task.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--queue", default=None, help="Override the model queue (default vlm.<model>).")
+@click.option(
+    "--max-open-queries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Queries sorted at once; the next starts as one finishes (default: 64 per GPU queue for "
+    "VLM judges, so each GPU keeps every open query's prefixes cached; all for the simulated judge). "
+    "0: all at once.",
+)
 @click.option("--wait/--no-wait", default=False, help="Show progress until the run is done.")
 @user_errors
 def submit(
@@ -429,6 +451,7 @@ def submit(
     batch_size: int | None,
     max_attempts: int,
     queue: str | None,
+    max_open_queries: int | None,
     wait: bool,
 ) -> None:
     """Create a rerank run and enqueue its judgments; prints the run id."""
@@ -472,6 +495,7 @@ def submit(
         judge_options=options,
         strategy_options=strategy_options,
         reuse=reuse,
+        max_open_queries=max_open_queries,
     )
     run_id = _submit(sessions(), spec, wait)
     click.echo(run_id)
@@ -489,14 +513,20 @@ def _drive(
 ) -> RunProgress | None:
     """Start (or resume) the run's work; in embedded mode, serve it in-process until done."""
     if is_embedded():
-        from orchestrator.embedded import embedded_worker
+        from orchestrator.embedded import embedded_worker, worker_busy
 
         with sf() as s:
-            queue = s.get(Run, run_id).queue
-        with embedded_worker([queue]):
+            run = s.get(Run, run_id)
+            queues = run_queues(run.queue, int((run.params or {}).get("shards") or 1))
+        with embedded_worker(queues):
             start()
             return wait_for_run(
-                sf, run_id, on_stall=lambda: reconcile(run_id, None, sf), stall_seconds=10, max_stalls=3
+                sf,
+                run_id,
+                on_stall=lambda: reconcile(run_id, None, sf),
+                stall_seconds=10,
+                max_stalls=3,
+                busy=worker_busy,
             )
     start()
     if not wait:
@@ -745,11 +775,22 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     click.echo(f"\ndone in {time.perf_counter() - t0:.1f} s")
 
 
-def worker_argv(model: str, gpu: int | None, concurrency: int, queue: str | None, loglevel: str) -> list[str]:
-    """The ``celery worker`` command line for one model (and one GPU): queue and node name from the model."""
+def worker_argv(
+    model: str,
+    gpu: int | None,
+    concurrency: int,
+    queue: str | None,
+    loglevel: str,
+    shards: int = 1,
+    shard: int | None = None,
+) -> list[str]:
+    """The ``celery worker`` command line for one model (and one GPU): queues and node name from the
+    model; with several per-GPU queues, this GPU's own first (``workers.queues.worker_queues``)."""
     slug = model_slug(model)
     node = f"vlm-{slug}" + (f"-gpu{gpu}" if gpu is not None else "") + "@%h"
-    return ["celery", "-A", "workers.app", "worker", "-Q", queue or queue_for(model), "-P", "prefork",
+    home = shard if shard is not None else (gpu or 0)
+    queues = ",".join(worker_queues(queue or queue_for(model), shards, home))
+    return ["celery", "-A", "workers.app", "worker", "-Q", queues, "-P", "prefork",
             "-c", str(concurrency), "-n", node, "-E", "--loglevel", loglevel]
 
 
@@ -758,12 +799,20 @@ def worker_argv(model: str, gpu: int | None, concurrency: int, queue: str | None
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPU index: sets CUDA_VISIBLE_DEVICES.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Pool processes (1 per GPU).")
 @click.option("--queue", default=None, help="Override the queue (default vlm.<model>).")
+@click.option(
+    "--shard",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With CVGL_VLM_SHARDS > 1: this worker's own queue vlm.<model>.<shard> (default: --gpu, or 0).",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors
-def worker(model: str, gpu: int | None, concurrency: int, queue: str | None, loglevel: str, dry_run: bool) -> None:
+def worker(
+    model: str, gpu: int | None, concurrency: int, queue: str | None, shard: int | None, loglevel: str, dry_run: bool
+) -> None:
     """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host."""
-    argv = worker_argv(model, gpu, concurrency, queue, loglevel)
+    argv = worker_argv(model, gpu, concurrency, queue, loglevel, vlm_shards(), shard)
     env_note = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
     if dry_run:
         click.echo(env_note + " ".join(argv))

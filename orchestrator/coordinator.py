@@ -8,6 +8,13 @@ Between rounds a coordinator process keeps what it read (``replay_cache.py``): a
 only the judgments it still waits on, and a replay that asks for a row it did not know reads that
 query in full and replays it again, so several coordinator processes stay correct.
 
+Open queries: a run may keep at most ``max_open_queries`` queries open at once (run params; by
+default 64 per GPU queue for VLM judges), letting the next one in, in query id order, as each
+finishes. A GPU worker keeps each open query's prefixes (chat, panorama, first tile) in its
+cache between rounds; with every query of a large run open at once, a query's next round comes
+after all the others' and finds its prefixes evicted. Replays that finish queries start the
+queries they let in (``admitted_queries``).
+
 Judgment reuse: a needed judgment that another run already stored for the same judge, model,
 revision, prompt and judge options (``db/reuse.py``) is copied into this run as done, with
 ``reused_from_id`` set, instead of being enqueued; the query is then replayed again at once, so a
@@ -27,6 +34,7 @@ from db.engine import session_factory
 from db.queries import (
     RunInfo,
     add_pending,
+    admitted_queries,
     chunked,
     finish_run_if_complete,
     open_queries,
@@ -36,6 +44,7 @@ from db.queries import (
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
 from orchestrator.replay_cache import JUDGMENTS, QueryJudgments, RunKey, cached_candidate_lists, run_key
 from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value
+from workers.queues import shard_of, shard_queue
 from workers.tasks import judge_pairwise, judge_pointwise
 
 log = logging.getLogger(__name__)
@@ -76,10 +85,46 @@ def advance(
         if info.status == "done":
             result.run_done = True
             return result
-        todo = open_queries(s, run_id, query_ids)
-        sources = reuse_sources(s, info) if todo and reuse_enabled(info) else []
+        window = open_window(info)
+        if window is not None and query_ids is None:
+            todo = admitted_queries(s, run_id, window)
+        else:  # queries with judgments stored were let in when those were created
+            todo = open_queries(s, run_id, query_ids)
+        sources = reuse_sources(s, info) if (todo or window) and reuse_enabled(info) else []
         run = run_key(s, run_id)
     strategy = strategy_for(info)
+    _replay(sessions, run, info, strategy, todo, sources, result)
+    seen = 0
+    while window is not None and result.finished_queries > seen:
+        # The queries finished here let as many new ones in: start them now (a start can finish
+        # a query at once, from reused judgments, and let in another).
+        seen = result.finished_queries
+        with sessions() as s:
+            todo = admitted_queries(s, run_id, window, strategy.kind)
+        _replay(sessions, run, info, strategy, todo, sources, result)
+    if result.finished_queries or not todo:
+        # After the commits: two calls finishing the last two queries at once each see the other's.
+        with sessions.begin() as s:
+            result.run_done = finish_run_if_complete(s, run_id)
+    return result
+
+
+def open_window(info: RunInfo) -> int | None:
+    """How many queries the run keeps open at once; None: all."""
+    window = info.params.get("max_open_queries")
+    return int(window) if window else None
+
+
+def _replay(
+    sessions: sessionmaker[Session],
+    run: RunKey,
+    info: RunInfo,
+    strategy: Strategy,
+    todo: Sequence[int],
+    sources: Sequence[int],
+    result: Advance,
+) -> None:
+    """Replay ``todo`` in chunks, one transaction each; write rankings, enqueue new judgments."""
     for part in chunked(todo, REPLAY_CHUNK):
         try:
             with sessions.begin() as s:
@@ -93,12 +138,7 @@ def advance(
         result.finished_queries += len(replayed.finished)
         result.new_judgments += len(replayed.inserted)
         result.reused_judgments += replayed.reused
-        result.tasks_sent += enqueue(info, strategy.kind, [row[0] for row in replayed.inserted])
-    if result.finished_queries or not todo:
-        # After the commits: two calls finishing the last two queries at once each see the other's.
-        with sessions.begin() as s:
-            result.run_done = finish_run_if_complete(s, run_id)
-    return result
+        result.tasks_sent += enqueue(info, strategy.kind, [(row[0], row[1]) for row in replayed.inserted])
 
 
 @dataclass
@@ -202,14 +242,26 @@ def _replay_queries(
     return out
 
 
-def enqueue(info: RunInfo, kind: str, ids: Sequence[int]) -> int:
-    """Send judgment ids to the run's model queue in tasks of ``batch_size``; returns tasks sent.
+def enqueue(info: RunInfo, kind: str, rows: Sequence[tuple[int, int]]) -> int:
+    """Send judgments ``(id, query_id)`` to the run's model queue (with several per-GPU queues, each
+    query's to its own) in tasks of ``batch_size``, a query's side by side; returns tasks sent.
 
     New rows were stamped enqueued by their insert; ``reconcile`` stamps the rows it sends again.
     """
     task = judge_pairwise if kind == "pairwise" else judge_pointwise
+    shards = run_shards(info)
+    by_queue: dict[str, list[int]] = {}
+    for row_id, query_id in sorted(rows, key=lambda r: (r[1], r[0])):
+        queue = shard_queue(info.queue, shard_of(query_id, shards), shards)
+        by_queue.setdefault(queue, []).append(row_id)
     sent = 0
-    for batch in chunked(list(ids), max(1, info.batch_size)):
-        task.apply_async(args=[list(batch)], queue=info.queue)
-        sent += 1
+    for queue, ids in by_queue.items():
+        for batch in chunked(ids, max(1, info.batch_size)):
+            task.apply_async(args=[list(batch)], queue=queue)
+            sent += 1
     return sent
+
+
+def run_shards(info: RunInfo) -> int:
+    """The run's per-GPU queues per model (stored at submit, so resume sends where workers listen)."""
+    return max(1, int(info.params.get("shards") or 1))

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from celery.worker import WorkController
+from celery.worker import WorkController, state
 
 import orchestrator.tasks  # noqa: F401  (registers cvgl.advance on the app)
 from workers.app import app
@@ -50,3 +50,9 @@ def embedded_worker(queues: Sequence[str], startup_timeout: float = 30.0) -> Ite
     finally:
         worker.stop(in_sighandler=False)
         thread.join(timeout=30)
+
+
+def worker_busy() -> bool:
+    """True while the embedded worker runs a task: loading a 7B model on its first task can take
+    longer than the stall timeout, and a run that waits on a working worker has not stalled."""
+    return bool(state.active_requests)

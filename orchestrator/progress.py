@@ -111,10 +111,13 @@ def follow(
     timeout: float | None = None,
     poll: float = 0.25,
     progress_bar: bool = True,
+    busy: Callable[[], bool] | None = None,
 ) -> P:
     """Poll ``read`` until ``finished``, with a tqdm bar; call ``on_stall`` when nothing moves.
 
     A database restart only delays the next poll. ``finished`` may raise to end the wait.
+    ``busy``: True while a worker this process can see is running a task (the embedded worker
+    loading a 7B model, or judging a long batch): that is not a stall.
 
     Raises:
         TimeoutError: after ``timeout`` seconds.
@@ -147,6 +150,8 @@ def follow(
             now = time.monotonic()
             if fingerprint(p) != last:
                 last, last_change, stalls = fingerprint(p), now, 0
+            elif busy is not None and busy():
+                last_change = now
             elif on_stall is not None and now - last_change > stall_seconds:
                 if max_stalls is not None and stalls >= max_stalls:
                     raise RunStalled(stalled(p, stalls) if stalled else f"{desc} made no progress")
@@ -172,6 +177,7 @@ def wait_for_run(
     poll: float = 0.25,
     progress_bar: bool = True,
     max_stalls: int | None = None,
+    busy: Callable[[], bool] | None = None,
 ) -> RunProgress:
     """Poll until the run is done; call ``on_stall`` (reconcile) when nothing moves for a while.
 
@@ -223,4 +229,5 @@ def wait_for_run(
         timeout=timeout,
         poll=poll,
         progress_bar=progress_bar,
+        busy=busy,
     )

@@ -38,11 +38,11 @@ def reconcile(
             raise UnknownRun(f"run {run_id} does not exist")
         kind = strategy_for(info).kind
         cutoff = None if stale_after is None else now() - timedelta(seconds=stale_after)
-        ids = stale_pending(s, run_id, kind, cutoff)
-    out = Reconciled(requeued=len(ids))
-    out.tasks_sent = enqueue(info, kind, ids)
+        rows = stale_pending(s, run_id, kind, cutoff)
+    out = Reconciled(requeued=len(rows))
+    out.tasks_sent = enqueue(info, kind, rows)
     with sessions.begin() as s:
-        mark_enqueued(s, kind, ids)
+        mark_enqueued(s, kind, [i for i, _ in rows])
     step = advance(run_id, sessions=sessions)
     out.tasks_sent += step.tasks_sent
     out.new_judgments = step.new_judgments

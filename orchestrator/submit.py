@@ -21,13 +21,18 @@ from workers.judges.registry import (
 )
 from workers.judging import DECODE_MODES
 from workers.prompts import SPECS, load_prompt
-from workers.queues import queue_for
+from workers.queues import queue_for, vlm_shards
 
 DEFAULT_PROMPT = {"pairwise": "pairwise", "pointwise": "yesno"}
 # Judgments per task. A VLM worker runs a task as forward passes of CVGL_VLM_BATCH_SIZE rows; a
 # task spans many queries, so the ground-prefix and image-feature reuse find repeats.
 DEFAULT_BATCH_SIZE = {"simulated": 64, "llava": 32, "qwen2.5-vl": 16}
 FALLBACK_BATCH_SIZE = 16
+# Queries a VLM run keeps open at once, per GPU queue: enough comparisons per round to fill the
+# batches, few enough that a GPU's prefix cache holds every open query's prefixes between rounds
+# (a LLaVA-7B panorama prefix is 0.3 GB of keys and values, a first-shown tile as much again).
+# The simulated judge caches nothing: its runs open every query at once.
+OPEN_QUERIES_PER_GPU = 64
 
 
 class SubmitError(ValueError):
@@ -52,6 +57,8 @@ class RunSpec:
     decode: str = "choices"  # pairwise: "choices" (one forward pass) or "generate" (the paper's way)
     strategy_options: dict[str, Any] = field(default_factory=dict)  # top, both_orders, aggregate
     reuse: bool = True  # copy judgments earlier runs stored for the same judge, model, prompt
+    max_open_queries: int | None = None  # None: the default for the judge; 0: every query at once
+    shards: int | None = None  # per-GPU queues per model; None: CVGL_VLM_SHARDS
 
 
 def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
@@ -104,6 +111,12 @@ def create_run(s: Session, spec: RunSpec) -> int:
         raise SubmitError("--queries must be at least 1")
     if spec.max_attempts < 1:
         raise SubmitError("--max-attempts must be at least 1")
+    if spec.max_open_queries is not None and spec.max_open_queries < 0:
+        raise SubmitError("--max-open-queries must be 0 (every query at once) or more")
+    shards = spec.shards or vlm_shards()
+    max_open = spec.max_open_queries
+    if max_open is None:
+        max_open = 0 if spec.judge == "simulated" else OPEN_QUERIES_PER_GPU * shards
     cs = pick_candidate_set(s, spec.candidates)
     if spec.k > cs.k:
         raise SubmitError(f"--k {spec.k} exceeds the {cs.k} candidates per query of {cs.name!r}")
@@ -141,6 +154,8 @@ def create_run(s: Session, spec: RunSpec) -> int:
             "strategy_options": dict(spec.strategy_options),
             "decode": spec.decode,
             "reuse": spec.reuse,
+            "shards": shards,
+            "max_open_queries": max_open or None,
         },
     )
     s.add(run)

@@ -103,6 +103,7 @@ def write_synthetic_vigor(
     seed: int = 0,
     cities: Sequence[str] = CROSS_AREA_TEST_CITIES,
     image_size: int = 64,
+    panorama_height: int | None = None,
 ) -> SynthSummary:
     """Write the dataset under ``root`` and return what was written.
 
@@ -112,7 +113,9 @@ def write_synthetic_vigor(
         k: candidates per query in candidates.csv.
         seed: makes the whole dataset reproducible.
         cities: VIGOR city names (their real centres give realistic GPS in the file names).
-        image_size: tile side in pixels (panoramas are size x 2*size); VIGOR's are 640 / 1024x2048.
+        image_size: tile side in pixels; VIGOR's are 640.
+        panorama_height: panoramas are twice as wide as high (default: ``image_size`` high);
+            VIGOR's are 2048x1024, so ``image_size=640, panorama_height=1024`` gives its real sizes.
     """
     if n_queries < 1:
         raise ValueError("--queries must be at least 1")
@@ -121,6 +124,7 @@ def write_synthetic_vigor(
     unknown = [c for c in cities if c not in CITY_CENTRES]
     if unknown:
         raise ValueError(f"unknown VIGOR cities {unknown}; choose from {', '.join(CITY_CENTRES)}")
+    pano_height = panorama_height or image_size
     root = Path(root)
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
@@ -173,7 +177,7 @@ def write_synthetic_vigor(
                 fields += [grid[(ci, cj)], f"{dy:.1f}", f"{dx:.1f}"]
                 covering.append(grid[(ci, cj)])
             pano = f"{_panoid(rng)},{qlat!r},{qlon!r},.jpg"
-            Image.fromarray(_pano_image(nrng, image_size, palettes[covering[0]])).save(
+            Image.fromarray(_pano_image(nrng, pano_height, palettes[covering[0]])).save(
                 root / city / "panorama" / pano, quality=90
             )
             label_lines.append(" ".join([pano, *fields]))

@@ -6,7 +6,7 @@ checkpoints' chat templates, ``initializer_range=0.2`` so that silent bugs move 
 more than float noise. The folders go through the judges' real loading path
 (``from_pretrained`` on a folder). Build once per test session (``tiny_checkpoint``).
 ``build_model(family, "7b", device="cuda", dtype=torch.bfloat16)`` gives the real checkpoints'
-shapes with random weights, in memory, for ``benchmarks/gpu_judge.py``.
+shapes with random weights, in memory, for ``benchmarks/gpu/micro.py``.
 
 Imports torch and transformers: tests and benchmarks only.
 """

@@ -43,6 +43,9 @@ def _transport_options() -> dict:
         # kombu 5.7: how often expired unacked messages are swept back (default 10 s, every 10th tick).
         "unacked_restore_interval": restore,
         "unacked_restore_throttle": restore,
+        # Read a worker's queues in the order given (-Q): a GPU worker's own shard first, the
+        # others only when it is empty (workers/queues.py). The default rotates them.
+        "queue_order_strategy": "priority",
     }
 
 

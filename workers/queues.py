@@ -1,12 +1,22 @@
-"""Queue names: one queue per judge model, one for retrieval, one for coordination."""
+"""Queue names: one queue per judge model (or several, one per GPU), one for retrieval, one for coordination.
+
+With ``CVGL_VLM_SHARDS`` = N > 1 a model has N queues, ``vlm.<model>.0`` .. ``vlm.<model>.<N-1>``,
+one per GPU worker, and each query's judgments always go to the same one (a hash of the query):
+the worker that judged a query's last round holds its prefixes in its cache. A worker reads its
+own queue first and the others only when its own is empty, so a dead or slow worker's queries
+still finish elsewhere (``worker_queues``; the Redis transport reads queues in the given order).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import zlib
 
 COORDINATION_QUEUE = "coordination"
 RETRIEVAL_QUEUE = "retrieval"
 VLM_PREFIX = "vlm."
+SHARDS_ENV = "CVGL_VLM_SHARDS"
 
 
 def model_slug(model: str) -> str:
@@ -24,3 +34,40 @@ def model_slug(model: str) -> str:
 def queue_for(model: str) -> str:
     """The Celery queue that workers holding ``model`` consume: ``vlm.<slug>``."""
     return VLM_PREFIX + model_slug(model)
+
+
+def vlm_shards() -> int:
+    """Per-GPU queues per model, from ``CVGL_VLM_SHARDS`` (default 1: one shared queue)."""
+    raw = os.environ.get(SHARDS_ENV, "").strip()
+    try:
+        shards = int(raw) if raw else 1
+    except ValueError:
+        raise ValueError(f"{SHARDS_ENV} must be a whole number, got {raw!r}") from None
+    if shards < 1:
+        raise ValueError(f"{SHARDS_ENV} must be at least 1, got {shards}")
+    return shards
+
+
+def shard_of(query_id: int, shards: int) -> int:
+    """The shard of a query: stable across processes and machines (not Python's salted hash)."""
+    return zlib.crc32(str(query_id).encode()) % shards if shards > 1 else 0
+
+
+def shard_queue(queue: str, shard: int, shards: int) -> str:
+    """Queue ``shard`` of a model's ``shards``: the base name itself when there is one."""
+    return queue if shards <= 1 else f"{queue}.{shard}"
+
+
+def run_queues(queue: str, shards: int) -> list[str]:
+    """Every queue a run's judgments may be sent to."""
+    return [shard_queue(queue, i, shards) for i in range(max(1, shards))]
+
+
+def worker_queues(queue: str, shards: int, home: int) -> list[str]:
+    """What a worker consumes, in order: its own shard first, then the others (taken only when its
+    own is empty), then the base queue (runs sent unsharded)."""
+    if shards <= 1:
+        return [queue]
+    home %= shards
+    order = [home, *(i for i in range(shards) if i != home)]
+    return [shard_queue(queue, i, shards) for i in order] + [queue]

@@ -76,10 +76,12 @@ def parse_preference(text: str) -> int:
     obj = _json_object(text)
     if not isinstance(obj, dict) or "preference" not in obj:
         raise UnparsableAnswer(f"no preference in {text[:200]!r}")
+    value = obj["preference"]
     try:
-        pref = int(str(obj["preference"]).strip())
-    except ValueError as exc:
-        raise UnparsableAnswer(f"preference is not 1 or 2: {obj['preference']!r}") from exc
+        # As the paper's code reads it, int(value): 2, "2", " 2 " and 2.0 are 2; "2.0" is not a number.
+        pref = int(value)
+    except (TypeError, ValueError) as exc:
+        raise UnparsableAnswer(f"preference is not 1 or 2: {value!r}") from exc
     if pref not in (1, 2):
         raise UnparsableAnswer(f"preference is not 1 or 2: {pref}")
     return pref

@@ -109,10 +109,18 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int]) -> int:
         elif live:
             stored += _judge_and_store(sessions, kind, info, live, worker, claimed=True)
         _notify_coordinator(run_id, sorted({i.query_id for i in group}))
-    record_served(
-        stored, [{"judge": j.name, "model": j.model, "revision": j.revision} for j in loaded_judges()]
-    )
+    record_served(stored, [_judge_status(j) for j in loaded_judges()])
     return stored
+
+
+def _judge_status(judge) -> dict:
+    """What ``inspect gpu`` shows of a loaded judge: name, model, revision, and for VLM judges their
+    caches' hit counts and the work per prefix level (``HFVisionJudge.stats``)."""
+    status = {"judge": judge.name, "model": judge.model, "revision": judge.revision}
+    stats = getattr(judge, "stats", None)
+    if callable(stats):
+        status["stats"] = stats()
+    return status
 
 
 def _judge_and_store(

@@ -18,7 +18,7 @@ from db.models import PairwiseVerdict, PointwiseScore, Query, Ranking, Run, Tile
 from tests.builders import synthetic_dataset
 from tests.integration.conftest import cli
 from tests.tiny_vlms import tiny_checkpoint
-from workers.judges.hf_vlm import folder_revision
+from workers.judges.checkpoint import folder_revision
 from workers.queues import queue_for
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
-from workers.queues import model_slug, queue_for
+from workers.queues import model_slug, queue_for, run_queues, shard_of, shard_queue, worker_queues
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -45,3 +45,28 @@ def test_commands_named_in_the_readme_exist():
     named = set(re.findall(r"`orchestrator ([a-z][a-z-]+)", text))
     assert named, "README names no command"
     assert named <= set(cli.commands), named - set(cli.commands)
+
+
+def test_a_query_always_has_the_same_gpu_queue_and_queries_spread_over_them():
+    shards = [shard_of(q, 4) for q in range(1, 401)]
+    assert shards == [shard_of(q, 4) for q in range(1, 401)]  # stable (not Python's salted hash)
+    assert all(60 < shards.count(i) < 140 for i in range(4))
+    assert shard_of(7, 1) == 0 and shard_queue("vlm.m", 0, 1) == "vlm.m"
+    assert run_queues("vlm.m", 3) == ["vlm.m.0", "vlm.m.1", "vlm.m.2"]
+
+
+def test_a_worker_reads_its_own_gpu_queue_first(monkeypatch):
+    assert worker_queues("vlm.m", 1, 5) == ["vlm.m"]
+    assert worker_queues("vlm.m", 3, 1) == ["vlm.m.1", "vlm.m.0", "vlm.m.2", "vlm.m"]
+    monkeypatch.setenv("CVGL_VLM_SHARDS", "3")
+    out = CliRunner().invoke(
+        cli, ["worker", "--model", "llava-hf/llava-1.5-7b-hf", "--gpu", "2", "--dry-run"]
+    )
+    assert out.exit_code == 0
+    assert (
+        "-Q vlm.llava-1.5-7b-hf.2,vlm.llava-1.5-7b-hf.0,vlm.llava-1.5-7b-hf.1,vlm.llava-1.5-7b-hf "
+        in out.output
+    )
+    monkeypatch.setenv("CVGL_VLM_SHARDS", "none")
+    bad = CliRunner().invoke(cli, ["worker", "--dry-run"])
+    assert bad.exit_code == 1 and "CVGL_VLM_SHARDS must be a whole number" in bad.output

@@ -83,14 +83,28 @@ def test_unparsable_direct_answers_raise(text):
 
 @pytest.mark.parametrize(
     ("text", "pref"),
-    [('{"preference": "2"}', 2), ('{"preference": 1}', 1), ('```json\n{"preference": "1"}\n```', 1)],
+    [
+        ('{"preference": "2"}', 2),
+        ('{"preference": 1}', 1),
+        ('{"preference": 2.0}', 2),  # int(2.0), as the paper's code reads it
+        ('{"preference": " 1 "}', 1),
+        ('```json\n{"preference": "1"}\n```', 1),
+    ],
 )
 def test_generated_preferences_are_parsed_as_the_paper_code_does(text, pref):
     assert scoring.parse_preference(text) == pref
 
 
 @pytest.mark.parametrize(
-    "text", ['{"preference": "<1 or 2>"}', "Image 2 is better.", '{"pref": 2}', '{"preference": 3}']
+    "text",
+    [
+        '{"preference": "<1 or 2>"}',
+        "Image 2 is better.",
+        '{"pref": 2}',
+        '{"preference": 3}',
+        '{"preference": "2.0"}',  # int("2.0") fails in the paper's code too
+        '{"preference": null}',
+    ],
 )
 def test_unparsable_preferences_raise(text):
     with pytest.raises(scoring.UnparsableAnswer):

@@ -24,18 +24,14 @@ from db.models import DONE, FAILED
 from orchestrator.cli import cli
 from tests.tiny_vlms import build_tiny_llava, tiny_checkpoint
 from workers import judging, scoring
+from workers.judges.answer_tokens import AnswerTokenError, answer_token_ids
 from workers.judges.base import JudgeRequest
-from workers.judges.hf_vlm import (
-    AnswerTokenError,
-    BadImage,
-    FeatureCache,
-    HFVisionJudge,
-    VLMSettings,
-    answer_token_ids,
-    folder_revision,
-    load_image,
-)
+from workers.judges.checkpoint import folder_revision
+from workers.judges.features import FeatureCache
+from workers.judges.hf_vlm import HFVisionJudge
+from workers.judges.images import BadImage, load_image
 from workers.judges.registry import check_model_folder, load_judge
+from workers.judges.settings import VLMSettings
 from workers.prompts import PAIR, load_prompt
 
 FAMILIES = ["llava", "qwen2.5-vl"]
@@ -235,25 +231,40 @@ def test_qwen_without_mm_token_type_ids_is_measurably_wrong(judges, images):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reuse_encodes_each_image_once_and_shares_the_ground_prefix(family, checkpoints, images):
+def test_reuse_encodes_each_image_once_and_computes_each_prefix_once(family, checkpoints, images):
     judge = load_judge(family, str(checkpoints[family]), None, device="cpu", batch_size=8, reuse=True)
     encoded: list[int] = []
-    encode = judge.encode_images
-    judge.encode_images = lambda imgs: (encoded.append(len(imgs)), encode(imgs))[1]
-    batches: list[int] = []
-    hook = judge.hf.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: batches.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    encode = judge.encode
+    judge.encode = lambda prepared: (encoded.append(len(prepared)), encode(prepared))[1]
+    passes: list[tuple[int, int]] = []  # (rows, cached tokens before the new ones) per forward pass
+    hook = judge.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: passes.append(
+            (kw["inputs_embeds"].shape[0], kw["attention_mask"].shape[1] - kw["inputs_embeds"].shape[1])
+        ),
+        with_kwargs=True,
     )
     try:
         reqs = pairwise(images, TRIPLES)
         judge.choice_probs(reqs, PAIR)
         distinct = len({p for r in reqs for p in r.images})
         assert distinct == 9 and sum(encoded) == distinct  # 3 panoramas and 6 tiles; 21 are shown
-        assert batches == [3, len(reqs)]  # one prefix per query, then every comparison on top
+        firsts = len({(r.images[0], r.images[1]) for r in reqs})
+        assert firsts == 7
+        # Level 1 once per query (no past), level 2 once per (query, first tile) on top of it,
+        # then every comparison on top of both.
+        assert [rows for rows, _ in passes] == [3, firsts, len(reqs)]
+        assert passes[0][1] == 0 and 0 < passes[1][1] < passes[2][1]
         assert (judge.features.hits, judge.features.misses) == (0, distinct)
+        assert (judge.prefixes.hits, judge.prefixes.misses, len(judge.prefixes)) == (
+            0,
+            3 + firsts,
+            3 + firsts,
+        )
         encoded.clear()
-        judge.choice_probs(reqs, PAIR)
+        passes.clear()
+        judge.choice_probs(reqs, PAIR)  # a later round: every image and prefix is cached
         assert encoded == [] and judge.features.hits == distinct
+        assert [rows for rows, _ in passes] == [len(reqs)] and judge.prefixes.hits == 3 + firsts
     finally:
         hook.remove()
 
@@ -312,7 +323,7 @@ def test_answers_that_cannot_be_told_apart_are_an_error(judges):
     tok = judges[("llava", False)].tokenizer
     with pytest.raises(AnswerTokenError, match="unknown token"):
         answer_token_ids(tok, "USER: match? ASSISTANT:", ["Maybe", "No"])
-    with pytest.raises(AnswerTokenError, match="share a first token"):
+    with pytest.raises(AnswerTokenError, match="the same token"):
         answer_token_ids(tok, "USER: match? ASSISTANT:", ["Yes", "Yes"])
 
 
@@ -442,3 +453,140 @@ def test_non_finite_logits_fail_instead_of_scoring(checkpoints, images):
         judge.hf.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):
         judge.choice_probs(pointwise(images, "yesno", PAIRS[:1]), ("Yes", "No"))
+
+
+# -- reuse across rounds, generation, positions, vision attention, memory --------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_later_round_from_cached_prefixes_equals_the_plain_path(family, checkpoints, images):
+    """Round 2 asks other comparisons of the same queries: levels 1 and 2 come from the cache."""
+    judge = load_judge(family, str(checkpoints[family]), None, device="cpu", batch_size=3, reuse=True)
+    plain = load_judge(family, str(checkpoints[family]), None, device="cpu", batch_size=3, reuse=False)
+    judge.choice_probs(pairwise(images, TRIPLES[:4]), PAIR)  # round 1
+    later = [("g0", "t0", "t3"), ("g1", "t0", "t5"), ("g0", "t2", "t0"), ("g2", "t4", "t1")]  # same firsts
+    level2_before = judge.counters["level2_rows"]
+    got = judge.choice_probs(pairwise(images, later), PAIR)
+    assert judge.counters["level2_rows"] == level2_before  # every first-shown tile was cached
+    assert judge.counters["level2_reused"] >= 4
+    want = plain.choice_probs(pairwise(images, later), PAIR)
+    assert max_diff(got, want, PAIR, log=True) < TOL
+
+
+def test_batches_are_cut_by_query_and_first_tile(checkpoints, images):
+    judge = load_judge("llava", str(checkpoints["llava"]), None, device="cpu", batch_size=2, reuse=True)
+    seen: list[list[tuple[str, str]]] = []
+    run = judge._logprobs_reuse
+    judge._logprobs_reuse = lambda part: (
+        seen.append([(s.row.images[0].name, s.row.images[1].name) for s in part]),
+        run(part),
+    )[1]
+    interleaved = [
+        ("g0", "t0", "t1"),
+        ("g1", "t3", "t1"),
+        ("g0", "t2", "t3"),
+        ("g1", "t3", "t4"),
+        ("g0", "t0", "t4"),
+    ]
+    judge.choice_probs(pairwise(images, interleaved), PAIR)
+    flat = [pair for part in seen for pair in part]
+    assert sorted(flat) == sorted((f"{g}.jpg", f"{a}.png") for g, a, _ in interleaved)
+
+    def contiguous(keys: list) -> bool:
+        return all(keys.index(k) + keys.count(k) - 1 == len(keys) - 1 - keys[::-1].index(k) for k in keys)
+
+    # A query's comparisons side by side, and within it those that show the same tile first.
+    assert contiguous([g for g, _ in flat]) and contiguous(flat)
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_cached_prefixes_is_token_for_token_transformers_generate(
+    family, penalty, checkpoints, images
+):
+    plain = load_judge(family, str(checkpoints[family]), None, device="cpu", batch_size=3, reuse=False)
+    reuse = load_judge(family, str(checkpoints[family]), None, device="cpu", batch_size=3, reuse=True)
+    for judge in (plain, reuse):
+        if penalty:  # Qwen2.5-VL-7B-Instruct's generation config carries one (1.05)
+            judge.hf.generation_config.repetition_penalty = penalty
+    for reqs in (pointwise(images, "direct", PAIRS[:4]), pairwise(images, TRIPLES[:3])):
+        assert reuse.generate(reqs, 10) == plain.generate(reqs, 10)
+        # Asked again (the reasoning prompt's second step shares its images), the prefixes and
+        # the images' features come from the caches.
+        computed, encoded = reuse.counters["level1_rows"], reuse.counters["images_encoded"]
+        assert reuse.generate(reqs, 10) == plain.generate(reqs, 10)
+        assert reuse.counters["level1_rows"] == computed and reuse.counters["images_encoded"] == encoded
+    assert reuse.counters["generated_tokens"] > 0 and reuse.counters["level1_reused"] > 0
+
+
+def test_qwen_positions_equal_get_rope_index(judges, images):
+    judge = judges[("qwen2.5-vl", True)]
+    rows = [judge._row(r, PAIR) for r in pairwise(images, TRIPLES[:3])]
+    for seq in judge._sequences(rows):
+        token_types = (seq.ids == judge.image_token_id).long()
+        grid = torch.stack([f.grid_thw for f in seq.feats])
+        want, _ = judge.hf.model.get_rope_index(seq.ids[None], token_types[None], image_grid_thw=grid)
+        assert torch.equal(seq.pos, want[:, 0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expanded_ids_are_the_processors_ids(family, judges, images):
+    judge = judges[(family, True)]
+    rows = [judge._row(r, PAIR) for r in pairwise(images, TRIPLES[:3])]
+    ours = judge._expanded_ids(rows, judge._features(rows))
+    for row, ids in zip(rows, ours, strict=True):
+        theirs = judge.processor(
+            images=[load_image(p) for p in row.images], text=[row.text], return_tensors="pt"
+        )
+        assert ids.tolist() == theirs["input_ids"][0].tolist()
+
+
+def test_batched_window_attention_equals_the_per_window_loop(judges, tmp_path):
+    """Images whose windows come in several sizes (edges), as real panoramas and tiles do."""
+    from workers.judges import segment_attention
+
+    judge = judges[("qwen2.5-vl", True)]
+    rng = np.random.default_rng(5)
+    imgs = [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in [(32, 64), (100, 60), (70, 90)]
+    ]
+    prepared = [judge.preprocess(im) for im in imgs]
+    visual = judge.hf.model.visual
+    assert segment_attention.installed(visual)
+    batched = judge.encode(prepared)
+    segment_attention.uninstall(visual)
+    try:
+        loop = judge.encode(prepared)
+    finally:
+        segment_attention.install(visual)
+    for a, b in zip(batched, loop, strict=True):
+        assert a.embeds.shape == b.embeds.shape and (a.embeds - b.embeds).abs().max().item() < 1e-5
+
+
+def test_a_batch_out_of_memory_is_split_and_the_size_that_fits_kept(checkpoints, images, caplog):
+    judge = load_judge("llava", str(checkpoints["llava"]), None, device="cpu", batch_size=8, reuse=True)
+    reference = load_judge("llava", str(checkpoints["llava"]), None, device="cpu", batch_size=8, reuse=False)
+    forward = judge._forward
+
+    def small_memory(segments, past, what):
+        if len(segments) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(segments, past, what)
+
+    judge._forward = small_memory
+    bound = judge.prefixes.max_bytes
+    with caplog.at_level("WARNING", logger="workers.judges.hf_vlm"):
+        got = judge.choice_probs(pairwise(images, TRIPLES), PAIR)
+    assert max_diff(got, reference.choice_probs(pairwise(images, TRIPLES), PAIR), PAIR, log=True) < TOL
+    assert judge.batch_cap == 2 and judge.oom_splits >= 2
+    assert judge.prefixes.max_bytes < bound  # the cache gave room back
+    assert "continuing with 2" in caplog.text
+    judge.choice_probs(pairwise(images, TRIPLES), PAIR)  # no new split: batches of 2 from now on
+    assert judge.batch_cap == 2
+
+    judge._forward = lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("always"))
+    out = judging.run_batch(
+        judge, load_prompt("pairwise"), [judging.Item(1, pairwise(images, TRIPLES[:1])[0])]
+    )
+    assert out[0].status == FAILED and "OutOfMemoryError" in out[0].error  # a single one that never fits

@@ -3,334 +3,90 @@
 A judge loads one checkpoint (hub id or local folder) with ``from_pretrained``, once per worker
 process, bf16 on a GPU and fp32 on the CPU. ``choice_probs`` reads next-token probabilities in one
 forward pass per judgment; ``generate`` decodes greedily. The family modules (``llava.py``,
-``qwen_vl.py``) say how a prompt is rendered through the chat template, how images become vision
-features and where those features sit in the sequence.
+``qwen_vl.py``) say how a prompt is rendered, how an image becomes vision features and where
+those features sit in the sequence.
 
-Two ways to score a batch, both left to right over the same tokens:
+Two ways to run a batch, over the same tokens:
 
-- plain: the processor builds left-padded inputs (every output passed through, Qwen's
-  ``mm_token_type_ids`` included) and the model runs with ``logits_to_keep=1``;
-- reuse (the default): each image's vision features come from a bounded per-process cache (an
-  image is encoded once however many comparisons show it); the requests of one query share the
-  tokens up to the end of the ground panorama (chat header, instruction, panorama), whose
-  key-value cache is computed once per batch and expanded to every comparison of that query; the
-  rest (tiles, text, answer prefix) runs right-padded on top and the last real position is read.
+- plain (``CVGL_VLM_REUSE=0``): the processor builds left-padded inputs (every output passed
+  through, Qwen's ``mm_token_type_ids`` included) and the model runs them whole; ``generate`` is
+  transformers' own. The reference the tests hold the other way to.
+- reuse (the default): every image is encoded once per process (``features.py``); the prompt is
+  cut after the ground panorama (level 1) and, when two tiles follow, after the first-shown tile
+  (level 2); each level's keys and values are computed once and kept on the device across
+  batches and rounds (``prefix_kv.py``), so a comparison runs only its second tile and the
+  question. Requests are ordered by (query, prompt, first tile) before batches are cut.
+  ``generate`` decodes greedily on top of the same prefixes, with the checkpoint's own logits
+  processors (e.g. Qwen's repetition penalty), token for token as transformers' ``generate``.
 
-The unit tests hold both paths to each other and a batch to one-at-a-time within 1e-4 (fp32).
-Answer token ids always come from the loaded tokenizer (``answer_token_ids``), never constants.
+A batch that runs out of GPU memory gives the prefix cache a quarter of its room back and is split
+in two and retried; the size that fits is kept and logged.
+The unit tests hold reuse to plain and a batch to one-at-a-time within 1e-4 in fp32.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import os
-import re
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from transformers import AutoConfig, AutoProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from PIL import Image
 
+from workers.judges.answer_tokens import answer_token_ids, join_answer_prefix
 from workers.judges.base import JudgeRequest
-from workers.judges.registry import checkpoint_family_error, read_model_type
+from workers.judges.checkpoint import check_family, resolve_checkpoint
+from workers.judges.features import FeatureCache, ImageFeatures
+from workers.judges.images import image_key, load_image, map_images
+from workers.judges.prefix_kv import BatchPast, PrefixCache, PrefixKV, cache_keyword, prefix_key
+from workers.judges.settings import DTYPES, VLMSettings
 from workers.prompts import split_prompt
 
 log = logging.getLogger(__name__)
 
-# Worker-level settings (a property of the GPU and the process, not of a run).
-DEVICE_ENV = "CVGL_VLM_DEVICE"  # "cuda", "cuda:1", "cpu"; default: cuda when available
-DTYPE_ENV = "CVGL_VLM_DTYPE"  # "bfloat16", "float16", "float32"; default: bf16 on GPU, fp32 on CPU
-BATCH_SIZE_ENV = "CVGL_VLM_BATCH_SIZE"  # judgments per forward pass
-REUSE_ENV = "CVGL_VLM_REUSE"  # "1": feature cache + ground-prefix KV cache; "0": plain batches
-FEATURE_CACHE_ENV = "CVGL_VLM_FEATURE_CACHE_MB"  # bound of the per-process vision-feature cache
+VISION_CHUNK = 16  # images per vision-tower call when filling the feature cache
+PREFIX_LEVELS = 2  # level 1: up to the ground panorama; level 2: up to the first-shown tile
+# On running out of GPU memory the prefix cache gives back this share of its bound.
+OOM_CACHE_GIVEBACK = 0.25
 
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_FEATURE_CACHE_MB = 2048.0
-# Images are converted to RGB whatever their mode; the processors then resize them (LLaVA-1.5:
-# shortest side 336 and a 336x336 centre crop; Qwen2.5-VL: aspect kept, sides rounded to
-# multiples of 28 within its pixel budget). Outside these bounds an image is refused.
-MIN_IMAGE_SIDE = 8
-MAX_IMAGE_SIDE = 16384
-MAX_ASPECT_RATIO = 20.0
-VISION_CHUNK = 16  # images per vision-tower call when filling the cache
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class BadImage(ValueError):
-    """An image that cannot be judged: missing, unreadable, or of an unusable size."""
-
-
-class AnswerTokenError(ValueError):
-    """The answers cannot be read as distinct next tokens after this prompt."""
-
-
-# ----------------------------------------------------------------------------------------------
-# settings
-
-
-@dataclass(frozen=True)
-class VLMSettings:
-    device: str
-    dtype: str
-    batch_size: int
-    reuse: bool
-    feature_cache_mb: float
-
-    @classmethod
-    def resolve(
-        cls,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int | None = None,
-        reuse: bool | None = None,
-        feature_cache_mb: float | None = None,
-    ) -> VLMSettings:
-        """Arguments win over the CVGL_VLM_* environment, which wins over the defaults."""
-        device = (
-            device
-            or os.environ.get(DEVICE_ENV, "").strip()
-            or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-        dtype = (
-            dtype or os.environ.get(DTYPE_ENV, "").strip() or ("float32" if device == "cpu" else "bfloat16")
-        )
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        if batch_size is None:
-            batch_size = int(os.environ.get(BATCH_SIZE_ENV, "") or DEFAULT_BATCH_SIZE)
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        if reuse is None:
-            reuse = os.environ.get(REUSE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-        if feature_cache_mb is None:
-            feature_cache_mb = float(os.environ.get(FEATURE_CACHE_ENV, "") or DEFAULT_FEATURE_CACHE_MB)
-        return cls(device, dtype, int(batch_size), bool(reuse), float(feature_cache_mb))
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints and revisions
-
-
-def folder_revision(folder: Path) -> str:
-    """A stable name for a local checkpoint: the commit of a hub-cache snapshot, else a content hash.
-
-    The hash covers the config, weights, tokenizer, processor and chat-template files (names and
-    bytes), so two copies of one checkpoint share it and any change to those files changes it.
-    """
-    folder = folder.resolve()
-    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
-        return folder.name
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt"}:
-            digest.update(path.name.encode() + b"\0")
-            with path.open("rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
-                    digest.update(block)
-    return "local-" + digest.hexdigest()[:12]
-
-
-def hub_revision(model: str, revision: str | None) -> tuple[str | None, str]:
-    """(revision to load, commit to store) for a hub id; works offline from the local cache."""
-    from transformers.utils.hub import cached_file, extract_commit_hash, resolve_revision
-
-    resolved = resolve_revision(model, revision)
-    commit = getattr(resolved, "resolved", None)
-    if commit is None:
-        try:
-            commit = extract_commit_hash(cached_file(model, "config.json", revision=resolved), None)
-        except OSError:
-            commit = None
-    return resolved, str(commit or revision or "main")
-
-
-def check_family(judge_name: str, model: str, revision: str | None) -> None:
-    """Refuse a checkpoint of another family before loading any weights."""
-    if Path(model).is_dir():
-        model_type = read_model_type(Path(model))
-    else:
-        model_type = AutoConfig.from_pretrained(model, revision=revision).model_type
-    problem = checkpoint_family_error(judge_name, model, model_type)
-    if problem:
-        raise ValueError(problem)
-
-
-# ----------------------------------------------------------------------------------------------
-# images
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode an image fully and convert it to RGB; a clear BadImage otherwise."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = _to_rgb(img)
-    except FileNotFoundError as exc:
-        raise BadImage(f"image not found: {path}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"image {path} is corrupt or not an image: {exc}") from exc
-    w, h = rgb.size
-    if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_IMAGE_SIDE or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-        raise BadImage(
-            f"image {path} is {w}x{h}; judges accept sides of {MIN_IMAGE_SIDE}-{MAX_IMAGE_SIDE} px "
-            f"and an aspect ratio up to {MAX_ASPECT_RATIO:g}"
-        )
-    return rgb
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB of any mode. PIL's own conversion clips 16-bit and float pixels to 255, so those are
-    scaled first: 16-bit by 1/257, 32-bit integer and float by their own range."""
-    if img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float32) / 257.0
-    elif img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    else:
-        return img.convert("RGB")
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-
-
-def image_key(path: Path) -> tuple[str, int, int]:
-    """Cache key of an image file: a rewritten file gets a new key."""
-    try:
-        st = path.stat()
-    except FileNotFoundError as exc:
-        raise BadImage(f"image not found: {path}") from exc
-    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
-
-
-@dataclass
-class ImageFeatures:
-    """One image as the language model sees it: projected vision features (and Qwen's grid)."""
-
-    embeds: torch.Tensor  # [tokens, hidden], on the model's device and dtype
-    grid_thw: torch.Tensor | None = None  # Qwen2.5-VL: (t, h, w) patches before merging, on the CPU
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.embeds.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.embeds.numel() * self.embeds.element_size()
-
-
-class FeatureCache:
-    """A least-recently-used map image key -> ImageFeatures, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max(0, int(max_bytes))
-        self._items: OrderedDict[tuple, ImageFeatures] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple) -> ImageFeatures | None:
-        feats = self._items.get(key)
-        if feats is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return feats
-
-    def put(self, key: tuple, feats: ImageFeatures) -> None:
-        if key in self._items:
-            self.bytes -= self._items.pop(key).nbytes
-        if feats.nbytes > self.max_bytes:
-            return
-        self._items[key] = feats
-        self.bytes += feats.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= old.nbytes
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# answer tokens
-
-
-def _opens_answer(text: str) -> bool:
-    """True when an answer follows ``text`` without a space (after a newline, a quote, a bracket)."""
-    return not text or text[-1].isspace() or text[-1] in "\"'([{"
-
-
-def join_answer_prefix(chat_text: str, answer_prefix: str) -> str:
-    """The assistant turn forced to begin with ``answer_prefix`` (one space after 'ASSISTANT:')."""
-    if not answer_prefix:
-        return chat_text
-    return chat_text + ("" if _opens_answer(chat_text) else " ") + answer_prefix
-
-
-def answer_token_ids(tokenizer: Any, text: str, choices: Sequence[str]) -> tuple[str, list[int]]:
-    """The text to score and the id of each choice's first token after it, from the tokenizer.
-
-    The answer follows ``text`` the way the model would write it: with a leading space after a
-    word or colon ('ASSISTANT: Yes' is ``▁Yes`` in LLaVA's tokenizer), bare after a newline or a
-    quote. If the choices then share their first token (LLaVA writes every digit as ``▁`` + digit)
-    the space moves into the prompt and the bare choices are read. Raises AnswerTokenError when
-    the prompt's own tokens change at the boundary or the choices cannot be told apart.
-    """
-    lead = "" if _opens_answer(text) else " "
-    attempts = [(text, lead)] + ([(text + lead, "")] if lead else [])
-    problems = []
-    for prompt, sep in attempts:
-        try:
-            return prompt, _first_token_ids(tokenizer, prompt, [sep + c for c in choices])
-        except AnswerTokenError as exc:
-            problems.append(str(exc))
-    raise AnswerTokenError("; ".join(problems))
-
-
-def _first_token_ids(tokenizer: Any, prompt: str, answers: Sequence[str]) -> list[int]:
-    base = tokenizer.encode(prompt, add_special_tokens=False)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    ids = []
-    for answer in answers:
-        full = tokenizer.encode(prompt + answer, add_special_tokens=False)
-        if full[: len(base)] != base or len(full) == len(base):
-            raise AnswerTokenError(f"the prompt's last tokens merge with the answer {answer!r}")
-        if full[len(base)] == unk:
-            raise AnswerTokenError(f"the answer {answer!r} starts with an unknown token")
-        ids.append(full[len(base)])
-    if len(set(ids)) != len(ids):
-        named = {a: tokenizer.convert_ids_to_tokens(i) for a, i in zip(answers, ids, strict=True)}
-        raise AnswerTokenError(f"the answers share a first token: {named}")
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------
-# the judge
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
 class _Row:
-    """One request made ready for the model."""
+    """One request made ready for the tokenizer."""
 
     text: str  # the whole prompt text: chat turn, forced answer start, image placeholders
     images: tuple[Path, ...]
-    answer_ids: list[int] = field(default_factory=list)
+    answer_ids: list[int]
+
+
+@dataclass
+class _Seq:
+    """One request as token ids, positions and image features, cut into prefix levels."""
+
+    row: _Row
+    ids: torch.Tensor  # [tokens], CPU
+    pos: torch.Tensor  # [position_dims, tokens], CPU
+    feats: list[ImageFeatures]
+    spans: list[tuple[int, int]]  # token span of each image
+    cuts: list[int]  # end of each prefix level; the rest (the suffix) is run per request
+    keys: list[tuple]  # prefix cache key of each level
+
+    def segment(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, list[ImageFeatures]]:
+        feats = [f for f, (a, b) in zip(self.feats, self.spans, strict=True) if start <= a and b <= end]
+        return self.ids[start:end], self.pos[:, start:end], feats
+
+    @property
+    def sort_key(self) -> tuple:
+        # (query and prompt, first-shown tile): comparisons that share a prefix sit side by side.
+        return (*[k for k in self.keys[:PREFIX_LEVELS]], self.row.text)
 
 
 class HFVisionJudge:
@@ -351,18 +107,20 @@ class HFVisionJudge:
         batch_size: int | None = None,
         reuse: bool | None = None,
         feature_cache_mb: float | None = None,
+        prefix_cache_mb: float | None = None,
+        loader_threads: int | None = None,
     ) -> None:
-        settings = VLMSettings.resolve(device, dtype, batch_size, reuse, feature_cache_mb)
+        settings = VLMSettings.resolve(
+            device, dtype, batch_size, reuse, feature_cache_mb, prefix_cache_mb, loader_threads
+        )
         check_family(self.name, model, revision)
-        if Path(model).is_dir():
-            load_revision, stored_revision = None, folder_revision(Path(model))
-        else:
-            load_revision, stored_revision = hub_revision(model, revision)
+        load_revision, stored_revision = resolve_checkpoint(model, revision)
         import transformers
+        from transformers import AutoProcessor
 
         model_cls = getattr(transformers, self.model_class)
         processor = AutoProcessor.from_pretrained(model, revision=load_revision)
-        hf_model = model_cls.from_pretrained(model, revision=load_revision, dtype=_DTYPES[settings.dtype])
+        hf_model = model_cls.from_pretrained(model, revision=load_revision, dtype=DTYPES[settings.dtype])
         self._setup(hf_model, processor, model, stored_revision, settings)
 
     @classmethod
@@ -372,7 +130,7 @@ class HFVisionJudge:
         """Wrap a model built in memory (benchmarks with random 7B-shaped weights)."""
         judge = cls.__new__(cls)
         resolved = VLMSettings.resolve(**settings)
-        judge._setup(hf_model.to(_DTYPES[resolved.dtype]), processor, model, revision, resolved)
+        judge._setup(hf_model.to(DTYPES[resolved.dtype]), processor, model, revision, resolved)
         return judge
 
     def _setup(self, hf_model: Any, processor: Any, model: str, revision: str, settings: VLMSettings) -> None:
@@ -380,23 +138,43 @@ class HFVisionJudge:
         self.revision = revision
         self.settings = settings
         self.device = torch.device(settings.device)
-        self.dtype = _DTYPES[settings.dtype]
+        self.dtype = DTYPES[settings.dtype]
         self.hf = hf_model.to(self.device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        # Left padding: the last position is every row's next token (batched forward and generate).
+        # Left padding: the last position is every row's next token (plain batches and generate).
         self.tokenizer.padding_side = "left"
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
-        self.features = FeatureCache(int(settings.feature_cache_mb * 2**20))
+        # The parts the reuse path drives itself: embeddings, language model, head.
+        self.embed = self.hf.get_input_embeddings()
+        self.language_model = self.hf.model.language_model
+        self.lm_head = self.hf.get_output_embeddings()
+        self._cache_kw = cache_keyword(self.language_model)
+        text = self.hf.config.get_text_config()
+        self._kv_shape = dict(
+            layers=text.num_hidden_layers,
+            kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        )
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.features = FeatureCache(settings.cache_bytes("features", free))
+        self.prefixes = PrefixCache(settings.cache_bytes("prefix", free))
+        self.batch_cap = settings.batch_size  # lowered for good when a batch runs out of GPU memory
+        self.oom_splits = 0
+        # Rows, tokens and passes per level ("level1", "level2", "suffix"), reused levels, images
+        # encoded: what the reuse saved, for benchmarks and ``inspect gpu``.
+        self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._chat_texts: dict[str, str] = {}
         self._answers: dict[tuple[str, tuple[str, ...]], tuple[str, list[int]]] = {}
+        self._slot_ids: dict[str, torch.Tensor] = {}
+        self._positions: dict[tuple, torch.Tensor] = {}
         self._strip = [t for t in {*self.tokenizer.all_special_tokens, self.image_token} if t]
         log.info(
-            "loaded %s %s revision=%s on %s (%s), batch %d, reuse %s",
+            "loaded %s %s revision=%s on %s (%s), batch %d, reuse %s, caches: features %.0f MiB, prefixes %.0f MiB",
             self.name,
             model,
             revision,
@@ -404,6 +182,8 @@ class HFVisionJudge:
             settings.dtype,
             settings.batch_size,
             settings.reuse,
+            self.features.max_bytes / 2**20,
+            self.prefixes.max_bytes / 2**20,
         )
 
     # -- family hooks ---------------------------------------------------------------------------
@@ -413,42 +193,49 @@ class HFVisionJudge:
         ending where the assistant's answer begins."""
         raise NotImplementedError
 
-    def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
-        """Vision features of each image, in order (one vision-tower call)."""
+    def preprocess(self, image: Image.Image) -> Any:
+        """The processor's tensors for one image (CPU; called from several threads at once)."""
+        raise NotImplementedError
+
+    def encode(self, prepared: list[Any]) -> list[ImageFeatures]:
+        """Vision features of preprocessed images, in order (one vision-tower call)."""
         raise NotImplementedError
 
     def position_ids(self, ids: torch.Tensor, feats: list[ImageFeatures]) -> torch.Tensor:
-        """Positions of one unpadded row (CPU ids) as [position_dims, length]."""
+        """Positions of one unpadded sequence (CPU ids) as [position_dims, length]."""
         return torch.arange(ids.shape[0]).unsqueeze(0)
+
+    def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
+        """Vision features of decoded images (one vision-tower call)."""
+        return self.encode([self.preprocess(img) for img in images])
 
     # -- Judge protocol ---------------------------------------------------------------------------
 
     def choice_probs(
         self, requests: Sequence[JudgeRequest], choices: Sequence[str]
     ) -> list[dict[str, float]]:
-        """P(first token of each choice) after each request's prompt and answer prefix (not renormalised)."""
+        """P(token of each choice) after each request's prompt and answer prefix (not renormalised)."""
         with self._lock:
             rows = [self._row(r, tuple(choices)) for r in requests]
-            order = list(range(len(rows)))
-            if self.settings.reuse:  # a query's comparisons side by side: they share the prefix
-                order.sort(key=lambda i: (str(rows[i].images[0]), rows[i].text))
+            if self.settings.reuse:
+                seqs = self._sequences(rows)
+                order = sorted(range(len(seqs)), key=lambda i: seqs[i].sort_key)
+                picked = self._in_batches(
+                    [seqs[i] for i in order],
+                    lambda part: _pick(self._logprobs_reuse(part), [s.row for s in part]),
+                )
+            else:
+                order = list(range(len(rows)))
+                picked = self._in_batches(rows, lambda part: _pick(self._logprobs_plain(part), part))
             out: list[dict[str, float]] = [{} for _ in rows]
-            for start in range(0, len(order), self.settings.batch_size):
-                part = order[start : start + self.settings.batch_size]
-                logprobs = self.next_token_logprobs([rows[i] for i in part])
-                if not torch.isfinite(logprobs).all():  # e.g. an fp16 overflow: never a silent verdict
-                    raise FloatingPointError("the model's next-token log-probabilities are not finite")
-                ids = torch.tensor([rows[i].answer_ids for i in part], device=logprobs.device)
-                picked = logprobs.gather(1, ids).exp().tolist()
-                for i, values in zip(part, picked, strict=True):
-                    out[i] = dict(zip(choices, values, strict=True))
+            for i, values in zip(order, picked, strict=True):
+                out[i] = dict(zip(choices, values, strict=True))
             return out
 
     def generate(self, requests: Sequence[JudgeRequest], max_new_tokens: int) -> list[str]:
         """Greedy decoding of the assistant turn (after any answer prefix); the new text only."""
         with self._lock:
             rows = [self._row(r, None) for r in requests]
-            texts: list[str] = []
             # The checkpoint's own settings (e.g. Qwen's repetition_penalty 1.05) apply, as they do
             # in the paper's code; decoding is greedy, so the sampling knobs are cleared.
             config = copy.deepcopy(self.hf.generation_config)
@@ -456,28 +243,69 @@ class HFVisionJudge:
             config.do_sample = False
             config.temperature = config.top_p = config.top_k = None
             config.pad_token_id = self.pad_token_id
-            for start in range(0, len(rows), self.settings.batch_size):
-                part = rows[start : start + self.settings.batch_size]
-                inputs = self._processor_inputs(part)
-                with torch.inference_mode():
-                    out = self.hf.generate(**inputs, generation_config=config)
-                new = out[:, inputs["input_ids"].shape[1] :]
-                texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            if self.settings.reuse:
+                seqs = self._sequences(rows)
+                texts = self._in_batches(seqs, lambda part: self._generate_reuse(part, config))
+            else:
+                texts = self._in_batches(rows, lambda part: self._generate_plain(part, config))
             return [t.strip() for t in texts]
 
-    # -- scoring ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Cache, batch and work figures for benchmarks and ``inspect gpu``."""
+        return {
+            "features": self.features.stats(),
+            "prefixes": self.prefixes.stats(),
+            "batch_size": self.settings.batch_size,
+            "batch_cap": self.batch_cap,
+            "oom_splits": self.oom_splits,
+            "work": dict(self.counters),
+        }
 
-    def next_token_logprobs(self, rows: list[_Row]) -> torch.Tensor:
-        """[rows, vocab] float32 log-probabilities of the next token after each row's text."""
-        if self.settings.reuse:
-            return self._logprobs_reuse(rows)
-        return self._logprobs_plain(rows)
+    # -- batches and running out of memory --------------------------------------------------------
 
-    def _logprobs_plain(self, rows: list[_Row]) -> torch.Tensor:
-        inputs = self._processor_inputs(rows)
-        with torch.inference_mode():  # no cache: only the last position is read
-            logits = self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-        return logits.float().log_softmax(-1)
+    def _in_batches(self, items: Sequence[T], run: Callable[[list[T]], Any]) -> list[Any]:
+        """``run`` over consecutive parts of at most ``batch_cap`` items; results flattened in order."""
+        out: list[Any] = []
+        start = 0
+        while start < len(items):
+            part = list(items[start : start + self.batch_cap])
+            out.extend(self._fit(part, run))
+            start += len(part)
+        return out
+
+    def _fit(self, part: list[T], run: Callable[[list[T]], Any], cleared: bool = False) -> list[Any]:
+        """Run a part; out of GPU memory, free room and split it in two (a part of one: free everything once)."""
+        try:
+            return list(run(part))
+        except torch.OutOfMemoryError:
+            self.oom_splits += 1
+            if len(part) == 1:
+                if cleared:
+                    raise
+                self.prefixes.clear()
+                self.features.clear()
+                self._empty_device_cache()
+                return self._fit(part, run, cleared=True)
+            self.prefixes.max_bytes = int(self.prefixes.max_bytes * (1 - OOM_CACHE_GIVEBACK))
+            self.prefixes.shrink_to(self.prefixes.max_bytes)
+            self._empty_device_cache()
+            half = (len(part) + 1) // 2
+            if half < self.batch_cap:
+                log.warning(
+                    "out of GPU memory with %d judgments per forward pass: continuing with %d "
+                    "(prefix cache bound now %.0f MiB)",
+                    len(part),
+                    half,
+                    self.prefixes.max_bytes / 2**20,
+                )
+                self.batch_cap = half
+            return self._fit(part[:half], run) + self._fit(part[half:], run)
+
+    def _empty_device_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the plain path -----------------------------------------------------------------------------
 
     def _processor_inputs(self, rows: list[_Row]) -> dict[str, torch.Tensor]:
         """Left-padded processor outputs, all of them, on the model's device."""
@@ -488,100 +316,192 @@ class HFVisionJudge:
             for k, v in inputs.items()
         }
 
-    def _logprobs_reuse(self, rows: list[_Row]) -> torch.Tensor:
-        feats = self._row_features(rows)
-        ids = self._expanded_ids(rows, feats)
-        cuts = [self._prefix_end(row_ids) for row_ids in ids]
-        positions = [self.position_ids(row_ids, f) for row_ids, f in zip(ids, feats, strict=True)]
-
-        # Rows with the same prefix tokens and ground image share one prefix computation.
-        group_of: dict[tuple, int] = {}
-        row_group: list[int] = []
-        first_row: list[int] = []
-        for r, (row_ids, cut) in enumerate(zip(ids, cuts, strict=True)):
-            key = (tuple(row_ids[:cut].tolist()), image_key(rows[r].images[0]))
-            if key not in group_of:
-                group_of[key] = len(first_row)
-                first_row.append(r)
-            row_group.append(group_of[key])
-
-        cache_kw = {}
-        prefix_mask = None
-        if any(cuts):
-            prefix = [(ids[r][: cuts[r]], positions[r][:, : cuts[r]], feats[r][:1]) for r in first_row]
-            p_ids, p_mask, p_pos = self._pad(prefix, left=True)
-            with torch.inference_mode():
-                out = self.hf.model(
-                    input_ids=p_ids,
-                    attention_mask=p_mask,
-                    position_ids=p_pos,
-                    mm_encoder_outputs=self._mm([f for _, _, fs in prefix for f in fs]),
-                    use_cache=True,
-                )
-            cache = out.cache
-            select = torch.tensor(row_group, device=self.device)
-            cache.batch_select_indices(select)
-            _keep_prefix_only(cache)
-            prefix_mask = p_mask[select]
-            cache_kw["cache"] = cache
-
-        suffix = [
-            (ids[r][cuts[r] :], positions[r][:, cuts[r] :], feats[r][1 if cuts[r] else 0 :])
-            for r in range(len(rows))
-        ]
-        s_ids, s_mask, s_pos = self._pad(suffix, left=False)
-        mask = s_mask if prefix_mask is None else torch.cat([prefix_mask, s_mask], dim=1)
-        with torch.inference_mode():
-            out = self.hf.model(
-                input_ids=s_ids,
-                attention_mask=mask,
-                position_ids=s_pos,
-                mm_encoder_outputs=self._mm([f for _, _, fs in suffix for f in fs]),
-                **cache_kw,
-            )
-            last = s_mask.sum(dim=1) - 1  # right padding: each row's last real token
-            hidden = out.last_hidden_state[torch.arange(len(rows), device=self.device), last]
-            logits = self.hf.lm_head(hidden)
+    def _logprobs_plain(self, rows: list[_Row]) -> torch.Tensor:
+        inputs = self._processor_inputs(rows)
+        with torch.inference_mode():  # no cache: only the last position is read
+            logits = self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         return logits.float().log_softmax(-1)
 
-    def _prefix_end(self, ids: torch.Tensor) -> int:
-        """Index just after the first image's tokens (the ground panorama); 0 if there is none."""
-        is_image = ids == self.image_token_id
-        if not bool(is_image.any()):
-            return 0
-        start = int(is_image.to(torch.uint8).argmax())
-        after = (~is_image[start:]).nonzero()
-        return start + int(after[0]) if after.numel() else int(ids.shape[0])
+    def _generate_plain(self, rows: list[_Row], config: Any) -> list[str]:
+        inputs = self._processor_inputs(rows)
+        with torch.inference_mode():
+            out = self.hf.generate(**inputs, generation_config=config)
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    def _pad(
-        self, parts: list[tuple[torch.Tensor, torch.Tensor, Any]], left: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack (ids, positions) rows, padded on the left or right, with their attention mask.
+    # -- the reuse path -----------------------------------------------------------------------------
 
-        Built on the CPU (where the rows are) and moved to the model's device in one copy each.
-        """
-        width = max(p[0].shape[0] for p in parts)
-        n = len(parts)
+    def _logprobs_reuse(self, seqs: list[_Seq]) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden, _, _ = self._run_suffixes(seqs)
+            return self.lm_head(hidden).float().log_softmax(-1)
+
+    def _run_suffixes(self, seqs: list[_Seq]) -> tuple[torch.Tensor, torch.Tensor, BatchPast]:
+        """Each request's tokens after its last prefix level, on top of its cached levels."""
+        entries = self._prefixes(seqs)
+        suffixes = [s.segment(s.cuts[-1] if s.cuts else 0, len(s.ids)) for s in seqs]
+        past = self._batch_past([[entries[k] for k in s.keys] for s in seqs], _width(suffixes))
+        hidden, mask = self._forward(suffixes, past, "suffix")
+        return hidden, mask, past
+
+    def _generate_reuse(self, seqs: list[_Seq], config: Any) -> list[str]:
+        """Greedy decoding as transformers' ``generate`` does it, on top of the cached prefixes."""
+        n = len(seqs)
+        with torch.inference_mode():
+            hidden, new_mask, past = self._run_suffixes(seqs)
+            cache = past.full_cache(new_mask.shape[1])
+            mask = torch.cat([past.mask, new_mask], dim=1)
+            # What the logits processors see as the sequence so far: each row's own ids (a short row
+            # is filled with its own first id, which changes nothing a processor computes).
+            width = max(len(s.ids) for s in seqs)
+            history = torch.stack([torch.cat([s.ids, s.ids[:1].expand(width - len(s.ids))]) for s in seqs])
+            history = history.to(self.device)
+            processors = self.hf._get_logits_processor(
+                generation_config=config,
+                input_ids_seq_length=history.shape[1],
+                encoder_input_ids=history,
+                device=self.device,
+            )
+            eos = config.eos_token_id
+            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
+            nxt = torch.tensor([int(s.pos[:, -1].max()) + 1 for s in seqs], device=self.device)
+            done = torch.zeros(n, dtype=torch.bool, device=self.device)
+            logits = self.lm_head(hidden).float()
+            new: list[torch.Tensor] = []
+            for step in range(config.max_new_tokens):
+                token = processors(history, logits).argmax(-1)
+                token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+                new.append(token)
+                history = torch.cat([history, token[:, None]], dim=1)
+                done |= torch.isin(token, eos)
+                if bool(done.all()) or step + 1 == config.max_new_tokens:
+                    break
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
+                pos = (nxt + step).view(1, n, 1).expand(self.position_dims, n, 1)
+                out = self.language_model(
+                    inputs_embeds=self.embed(token[:, None]),
+                    attention_mask=mask,
+                    position_ids=pos[0] if self.position_dims == 1 else pos,
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                )
+                logits = self.lm_head(out[0][:, -1]).float()
+            self.counters["generated_tokens"] += n * len(new)
+        tokens = torch.stack(new, dim=1) if new else torch.zeros((n, 0), dtype=torch.long)
+        return self.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
+
+    def _batch_past(self, rows: list[list[PrefixKV]], room: int) -> BatchPast:
+        return BatchPast(rows, room=room, dtype=self.dtype, device=self.device, **self._kv_shape)
+
+    def _prefixes(self, seqs: list[_Seq]) -> dict[tuple, PrefixKV]:
+        """Every prefix level of ``seqs``: looked up, and the missing ones computed level by level
+        on top of the level before (one forward pass per level for all of them). Held here as well
+        as in the cache, so a small cache never drops one this batch still needs."""
+        entries: dict[tuple, PrefixKV] = {}
+        for level in range(max((len(s.keys) for s in seqs), default=0)):
+            missing: dict[tuple, _Seq] = {}
+            for s in seqs:
+                if len(s.keys) <= level or s.keys[level] in entries or s.keys[level] in missing:
+                    continue
+                got = self.prefixes.get(s.keys[level])
+                if got is None:
+                    missing[s.keys[level]] = s
+                else:
+                    entries[s.keys[level]] = got
+                    self.counters[f"level{level + 1}_reused"] += 1
+            if not missing:
+                continue
+            todo = list(missing.values())
+            start = [s.cuts[level - 1] if level else 0 for s in todo]
+            segments = [s.segment(a, s.cuts[level]) for s, a in zip(todo, start, strict=True)]
+            past = self._batch_past([[entries[k] for k in s.keys[:level]] for s in todo], _width(segments))
+            self._forward(segments, past, f"level{level + 1}")
+            for r, (s, a) in enumerate(zip(todo, start, strict=True)):
+                entry = past.added(r, s.cuts[level] - a)
+                entries[s.keys[level]] = entry
+                self.prefixes.put(s.keys[level], entry)
+        return entries
+
+    def _forward(
+        self,
+        segments: list[tuple[torch.Tensor, torch.Tensor, list[ImageFeatures]]],
+        past: BatchPast,
+        what: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run each row's new tokens (right-padded) on top of its past, writing their keys and values
+        into the past's room; the hidden state of each row's last new token [rows, hidden] and the
+        new tokens' mask [rows, width]. ``what`` names the pass in the counters."""
+        n = len(segments)
+        width = _width(segments)
         ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         pos = torch.ones((self.position_dims, n, width), dtype=torch.long)
-        for r, (row_ids, row_pos, _) in enumerate(parts):
+        for r, (row_ids, row_pos, _) in enumerate(segments):
             k = row_ids.shape[0]
-            span = slice(width - k, width) if left else slice(0, k)
-            ids[r, span] = row_ids
-            mask[r, span] = 1
-            pos[:, r, span] = row_pos
-        pos = pos[0] if self.position_dims == 1 else pos
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+            ids[r, :k] = row_ids
+            mask[r, :k] = 1
+            pos[:, r, :k] = row_pos
+        self.counters[f"{what}_rows"] += n
+        self.counters[f"{what}_tokens"] += int(mask.sum())
+        self.counters[f"{what}_passes"] += 1
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        embeds = self.embed(ids)
+        feats = [f.embeds for _, _, fs in segments for f in fs]
+        if feats:
+            slots = ids == self.image_token_id
+            flat = torch.cat(feats).to(embeds.dtype)
+            if int(slots.sum()) != flat.shape[0]:
+                raise ValueError(f"{int(slots.sum())} image tokens for {flat.shape[0]} image features")
+            embeds = embeds.masked_scatter(slots[..., None], flat)
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([past.mask, mask], dim=1),
+            position_ids=pos[0] if self.position_dims == 1 else pos,
+            use_cache=True,
+            **{self._cache_kw: past.cache()},
+        )
+        last = mask.sum(dim=1) - 1  # right padding: each row's last real token
+        return out[0][torch.arange(n, device=self.device), last], mask
 
-    @staticmethod
-    def _mm(feats: list[ImageFeatures]) -> dict[str, BaseModelOutputWithPooling] | None:
-        if not feats:
-            return None
-        return {"image": BaseModelOutputWithPooling(pooler_output=[f.embeds for f in feats])}
+    # -- requests as sequences ----------------------------------------------------------------------
 
-    def _row_features(self, rows: list[_Row]) -> list[list[ImageFeatures]]:
-        """Each row's image features, from the cache or one vision-tower pass over the misses."""
+    def _sequences(self, rows: list[_Row]) -> list[_Seq]:
+        feats = self._features(rows)
+        ids = self._expanded_ids(rows, feats)
+        seqs = []
+        for row, row_ids, row_feats in zip(rows, ids, feats, strict=True):
+            spans = self._image_spans(row_ids, row_feats)
+            # A level ends after each image but the last (up to two levels; a lone image ends one),
+            # and never at the very end: something must be left to run per request.
+            levels = min(PREFIX_LEVELS, len(spans) - 1) if len(spans) > 1 else len(spans)
+            cuts = [end for _, end in spans[:levels] if end < len(row_ids)]
+            image_keys = [image_key(p) for p in row.images]
+            keys = [
+                prefix_key(self.revision, row_ids[:cut], image_keys[: level + 1])
+                for level, cut in enumerate(cuts)
+            ]
+            shape_key = (row.text, tuple(_shape(f) for f in row_feats))
+            pos = self._positions.get(shape_key)
+            if pos is None:  # the same for every request of a prompt and image sizes
+                if len(self._positions) > 4096:
+                    self._positions.clear()
+                pos = self._positions[shape_key] = self.position_ids(row_ids, row_feats)
+            seqs.append(_Seq(row, row_ids, pos, row_feats, spans, cuts, keys))
+        return seqs
+
+    def _image_spans(self, ids: torch.Tensor, feats: list[ImageFeatures]) -> list[tuple[int, int]]:
+        """Token span of each image: its features fill the next ``n_tokens`` image slots."""
+        slots = (ids == self.image_token_id).nonzero().flatten().tolist()
+        spans, at = [], 0
+        for f in feats:
+            part = slots[at : at + f.n_tokens]
+            if len(part) != f.n_tokens or part[-1] - part[0] + 1 != f.n_tokens:
+                raise ValueError(f"the prompt's image slots do not match {len(feats)} images' features")
+            spans.append((part[0], part[-1] + 1))
+            at += f.n_tokens
+        return spans
+
+    def _features(self, rows: list[_Row]) -> list[list[ImageFeatures]]:
+        """Each row's image features, from the cache or the vision tower (misses decoded in threads)."""
         keys = [[image_key(p) for p in r.images] for r in rows]
         found: dict[tuple, ImageFeatures] = {}
         missing: dict[tuple, Path] = {}
@@ -595,28 +515,41 @@ class HFVisionJudge:
                 else:
                     found[key] = cached
         todo = list(missing.items())
-        images = [load_image(path) for _, path in todo]  # all decoded before any GPU work
+        # All decoded before any GPU work: a bad file fails the batch before the model runs.
+        prepared = map_images(
+            lambda path: self.preprocess(load_image(path)), [p for _, p in todo], self.settings.loader_threads
+        )
+        self.counters["images_encoded"] += len(todo)
         for start in range(0, len(todo), VISION_CHUNK):
             with torch.inference_mode():
-                encoded = self.encode_images(images[start : start + VISION_CHUNK])
+                encoded = self.encode(prepared[start : start + VISION_CHUNK])
             for (key, _), feats in zip(todo[start : start + VISION_CHUNK], encoded, strict=True):
                 found[key] = feats
                 self.features.put(key, feats)
         return [[found[k] for k in row_keys] for row_keys in keys]
 
     def _expanded_ids(self, rows: list[_Row], feats: list[list[ImageFeatures]]) -> list[torch.Tensor]:
-        """Token ids with each image placeholder repeated once per vision feature, as the processor does."""
-        texts = []
+        """Token ids with each image slot repeated once per vision feature, as the processor does.
+
+        A prompt text is tokenized once with one slot per image (the slot is a special token, so
+        the text around it tokenizes the same either way), then each slot is repeated.
+        """
+        out = []
         for r, f in zip(rows, feats, strict=True):
-            pieces = r.text.split(self.image_token)
-            if len(pieces) != len(f) + 1:
-                raise ValueError(f"the prompt holds {len(pieces) - 1} image slots for {len(f)} images")
-            out = [pieces[0]]
-            for piece, image in zip(pieces[1:], f, strict=True):
-                out.append(self.image_token * image.n_tokens + piece)
-            texts.append("".join(out))
-        encoded = self.tokenizer(texts)["input_ids"]
-        return [torch.tensor(e, dtype=torch.long) for e in encoded]  # CPU: bookkeeping only
+            base = self._slot_ids.get(r.text)
+            if base is None:
+                if len(self._slot_ids) > 4096:
+                    self._slot_ids.clear()
+                base = self._slot_ids[r.text] = torch.tensor(
+                    self.tokenizer(r.text)["input_ids"], dtype=torch.long
+                )
+            slots = base == self.image_token_id
+            if int(slots.sum()) != len(f):
+                raise ValueError(f"the prompt holds {int(slots.sum())} image slots for {len(f)} images")
+            repeats = torch.ones_like(base)
+            repeats[slots] = torch.tensor([image.n_tokens for image in f], dtype=torch.long)
+            out.append(base.repeat_interleave(repeats))  # CPU: bookkeeping only
+        return out
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -633,7 +566,7 @@ class HFVisionJudge:
                 f"the prompt has {text.count(self.image_token)} image slots for {len(request.images)} images"
             )
         if choices is None:
-            return _Row(text, request.images)
+            return _Row(text, request.images, [])
         key = (text, choices)
         if key not in self._answers:
             if len(self._answers) > 4096:
@@ -643,24 +576,17 @@ class HFVisionJudge:
         return _Row(scored, request.images, ids)
 
 
-def _keep_prefix_only(cache: Any) -> None:
-    """Let the suffix pass attend to the cached prefix without storing its own keys and values.
+def _pick(logprobs: torch.Tensor, rows: list[_Row]) -> list[list[float]]:
+    """The probabilities of each row's answer tokens, from [rows, vocab] log-probabilities."""
+    if not torch.isfinite(logprobs).all():  # e.g. an fp16 overflow: never a silent verdict
+        raise FloatingPointError("the model's next-token log-probabilities are not finite")
+    ids = torch.tensor([r.answer_ids for r in rows], device=logprobs.device)
+    return logprobs.gather(1, ids).exp().tolist()
 
-    A DynamicLayer appends every update, so the suffix of a whole batch would stay in memory
-    until the pass ends (about 0.5 MB per token for a 7B Llama); reading and not keeping is
-    the same arithmetic. Layers of another kind keep their own behaviour.
-    """
-    from transformers.cache_utils import DynamicLayer
 
-    def read_only(layer: Any) -> Any:
-        def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            return (
-                torch.cat([layer.keys, key_states], dim=-2),
-                torch.cat([layer.values, value_states], dim=-2),
-            )
+def _shape(f: ImageFeatures) -> tuple[int, ...]:
+    return tuple(int(x) for x in f.grid_thw) if f.grid_thw is not None else (f.n_tokens,)
 
-        return update
 
-    for layer in cache.layers:
-        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            layer.update = read_only(layer)
+def _width(segments: Sequence[tuple[torch.Tensor, ...]]) -> int:
+    return max(seg[0].shape[0] for seg in segments)

@@ -9,9 +9,13 @@ tokens (CLIP ViT-L/14 at 336 px, centre-cropped square, CLS dropped) of projecte
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from PIL import Image
 
-from workers.judges.hf_vlm import HFVisionJudge, ImageFeatures
+from workers.judges.features import ImageFeatures
+from workers.judges.hf_vlm import HFVisionJudge
 
 
 class LlavaJudge(HFVisionJudge):
@@ -25,10 +29,11 @@ class LlavaJudge(HFVisionJudge):
         messages = [{"role": "user", "content": [{"type": "text", "text": body}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def preprocess(self, image: Image.Image) -> Any:
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def encode(self, prepared: list[Any]) -> list[ImageFeatures]:
+        pixels = torch.stack(prepared).to(self.device, self.dtype)
         # vision_feature_layer / select strategy come from the checkpoint's config.
-        out = self.hf.model.get_image_features(
-            pixel_values=pixels.to(self.device, self.dtype), return_dict=True
-        )
+        out = self.hf.model.get_image_features(pixel_values=pixels, return_dict=True)
         return [ImageFeatures(embeds=f.to(self.dtype)) for f in out.pooler_output]
