@@ -233,6 +233,20 @@ def summary(results: dict[str, Any]) -> None:
             f"({r['speedup_pointwise_reuse']:.1f}x)",
             flush=True,
         )
+        vision = r.get("vision_tower")
+        print(
+            f"{family}: exactness, reuse against the plain path ({r['dtype']}), largest difference of a "
+            f"renormalised probability: pairwise (levels 1 and 2, kept across rounds) "
+            f"{r['reuse_pairwise_max_abs_diff_vs_batched']:.1e}, pointwise (level 1) "
+            f"{r['reuse_pointwise_max_abs_diff_vs_batched']:.1e}"
+            + (
+                f"; batched window attention against the loop, largest feature difference "
+                f"{max(vision['panorama_max_abs_diff'], vision['tile_max_abs_diff']):.1e}"
+                if vision
+                else ""
+            ),
+            flush=True,
+        )
     t = results.get("table1")
     if t:
         pw = t["runs"]["pairwise"]

@@ -55,7 +55,6 @@ PREFIX_LEVELS = 2  # level 1: up to the ground panorama; level 2: up to the firs
 OOM_CACHE_GIVEBACK = 0.25
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -86,7 +85,8 @@ class _Seq:
     @property
     def sort_key(self) -> tuple:
         # (query and prompt, first-shown tile): comparisons that share a prefix sit side by side.
-        return (*[k for k in self.keys[:PREFIX_LEVELS]], self.row.text)
+        levels = [self.keys[i] if i < len(self.keys) else () for i in range(PREFIX_LEVELS)]
+        return (*levels, self.row.text)
 
 
 class HFVisionJudge:
