@@ -66,7 +66,34 @@ def make_engine(url: str | None = None) -> Engine:
 
         return engine
     # pool_pre_ping: a PostgreSQL restart leaves dead pooled connections behind.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=pg_session_limits()
+    )
+
+
+# No session may hold locks for long: a worker frozen (SIGSTOP, a hung GPU) inside a transaction
+# would stall every other worker behind its row locks. The server ends such a session, a blocked
+# statement gives up, and a dead peer is noticed; the errors are retried like a connection error.
+PG_LIMITS = {  # setting -> (environment variable, default seconds)
+    "lock_timeout": ("CVGL_DB_LOCK_TIMEOUT", 10.0),
+    "idle_in_transaction_session_timeout": ("CVGL_DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0),
+    "statement_timeout": ("CVGL_DB_STATEMENT_TIMEOUT", 300.0),
+}
+
+
+def pg_session_limits() -> dict[str, object]:
+    """libpq connection arguments: the session timeouts above and TCP keepalives."""
+    options = []
+    for setting, (env, default) in PG_LIMITS.items():
+        seconds = float(os.environ.get(env, "") or default)
+        options.append(f"-c {setting}={int(seconds * 1000)}")
+    return {
+        "options": " ".join(options),
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
 
 
 _ENGINES: dict[str, Engine] = {}

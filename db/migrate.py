@@ -29,6 +29,8 @@ def upgrade_to_head(url: str | None = None) -> None:
     cfg = alembic_config()
     engine = get_engine(url)
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # a migration may rewrite a large table: no time limit
+            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

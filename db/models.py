@@ -203,6 +203,9 @@ class _JudgmentColumns:
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease of the worker process judging it (db/leases.py, migration 0005).
+    leased_by: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class PairwiseVerdict(_JudgmentColumns, Base):
@@ -314,6 +317,9 @@ class EmbeddingShard(Base):
     created_at: Mapped[datetime] = _now()
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease of the worker process embedding it (db/leases.py, migration 0005).
+    leased_by: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class SkippedImage(Base):

@@ -1,15 +1,16 @@
 """The reads and writes the coordinator and the workers share, as plain SQL over a session.
 
 Judgment rows are created 'pending' by the coordinator (INSERT ... ON CONFLICT DO NOTHING on the
-natural key), claimed by a worker (attempts + 1) and completed once (UPDATE guarded by
-status = 'pending'): a redelivered message or a second worker changes nothing already stored.
+natural key), leased by a worker (``db/leases.py``: an attempt counted unless a live lease is
+found) and completed once by the holder (UPDATE guarded by status = 'pending' and the lease): a
+redelivered message or a second worker changes nothing already stored.
 Imports only ``db`` modules.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -168,7 +169,9 @@ def admitted_queries(session: Session, run_id: int, window: int, kind: str | Non
         .order_by(rq.c.query_id)
         .limit((finished or 0) + window)
     )
-    stmt = select(rq.c.query_id).where(rq.c.run_id == run_id, rq.c.done_at.is_(None), rq.c.query_id.in_(first))
+    stmt = select(rq.c.query_id).where(
+        rq.c.run_id == run_id, rq.c.done_at.is_(None), rq.c.query_id.in_(first)
+    )
     if kind is not None:
         j = JUDGMENT_MODELS[kind].__table__
         stmt = stmt.where(~select(j.c.id).where(j.c.run_id == run_id, j.c.query_id == rq.c.query_id).exists())
@@ -309,30 +312,13 @@ def write_rankings(session: Session, run_id: int, orders: Mapping[int, Sequence[
 # judgments (workers)
 
 
-def claim(session: Session, kind: str, ids: Sequence[int], worker: str) -> None:
-    """Count one more attempt on pending rows (before the judge runs: a crash still counts)."""
-    _update_pending(session, kind, ids, lambda t: {"attempts": t.c.attempts + 1, "worker": worker})
-
-
-def _update_pending(
-    session: Session, kind: str, ids: Sequence[int], values: Callable[[Table], Mapping[str, Any]]
-) -> None:
-    """Set ``values(table)`` on the rows among ``ids`` that are still pending."""
-    t = JUDGMENT_MODELS[kind].__table__
-    pg = is_postgres(session)
-    stmt = update(t).where(member_of(t.c.id, "ids", pg), t.c.status == PENDING).values(values(t))
-    for part in id_parts(ids, pg):
-        session.connection().execute(stmt, {"ids": part})
-
-
 def pending_judgments(session: Session, kind: str, ids: Sequence[int]) -> list[Row]:
     """The rows among ``ids`` still pending: ``id``, ``run_id``, ``query_id``, the key columns
-    (``tile_first``, ``tile_second`` or ``tile_id``) and ``attempts``."""
+    (``tile_first``, ``tile_second`` or ``tile_id``), ``attempts``, ``leased_by``, ``lease_until``."""
     t = JUDGMENT_MODELS[kind].__table__
     pg = is_postgres(session)
-    stmt = select(*(t.c[c] for c in ["id", "run_id", "query_id", *KEY_COLUMNS[kind], "attempts"])).where(
-        member_of(t.c.id, "ids", pg), t.c.status == PENDING
-    )
+    columns = ["id", "run_id", "query_id", *KEY_COLUMNS[kind], "attempts", "leased_by", "lease_until"]
+    stmt = select(*(t.c[c] for c in columns)).where(member_of(t.c.id, "ids", pg), t.c.status == PENDING)
     conn = session.connection()
     return [r for part in id_parts(ids, pg) for r in conn.execute(stmt, {"ids": part}).all()]
 
@@ -379,24 +365,29 @@ def record_outcomes(
     outcomes: Sequence[Mapping[str, Any]],
     worker: str,
     model_revision: str | None,
+    holder: str | None = None,
 ) -> int:
     """Complete pending rows with their outcome; rows no longer pending are left untouched.
 
     Each outcome holds ``id``, ``status`` and the result columns of its table; ``worker`` and
-    ``model_revision`` are the batch's. Returns how many rows this call completed (a redelivered
-    duplicate completes none).
+    ``model_revision`` are the batch's. With ``holder``, only rows whose lease that process holds
+    (``db/leases.py``): a worker that froze and lost its lease stores nothing when it wakes. Returns
+    how many rows this call completed (a redelivered duplicate completes none).
     """
     if not outcomes:
         return 0
     table = JUDGMENT_MODELS[kind].__table__
     per_row = [*RESULT_COLUMNS[kind], "status", "raw_output", "error", "latency_ms"]
-    common = {"worker": worker, "model_revision": model_revision, "finished_at": now()}
+    common = {"worker": worker, "model_revision": model_revision, "finished_at": now(), "lease_until": None}
+    guard = table.c.status == PENDING
+    if holder is not None:
+        guard = and_(guard, table.c.leased_by == holder)
     if is_postgres(session):
-        return _record_outcomes_pg(session, table, per_row, outcomes, common)
+        return _record_outcomes_pg(session, table, per_row, outcomes, common, holder)
     params = [{"b_id": o["id"], **{c: o.get(c) for c in per_row}} for o in outcomes]
     stmt = (
         update(table)
-        .where(and_(table.c.id == bindparam("b_id"), table.c.status == PENDING))
+        .where(and_(table.c.id == bindparam("b_id"), guard))
         .values({**{c: bindparam(c) for c in per_row}, **common})
     )
     result = session.connection().execute(stmt, params)
@@ -409,6 +400,7 @@ def _record_outcomes_pg(
     cols: list[str],
     outcomes: Sequence[Mapping[str, Any]],
     common: Mapping[str, Any],
+    holder: str | None,
 ) -> int:
     """One UPDATE ... FROM json_populate_recordset for the whole batch (see ``db/upsert.py``).
 
@@ -416,17 +408,14 @@ def _record_outcomes_pg(
     parse of each; with one recordset the SQL text is constant and the server does one hash join.
     """
     sets = ", ".join([*(f"{c} = d.{c}" for c in cols), *(f"{c} = :{c}" for c in common)])
+    lease = " AND t.leased_by = :holder" if holder is not None else ""
     sql = text(
         f"UPDATE {table.name} AS t SET {sets} FROM {pg_recordset(table)} "
-        "WHERE t.id = d.id AND t.status = 'pending' RETURNING t.id"
+        f"WHERE t.id = d.id AND t.status = 'pending'{lease} RETURNING t.id"
     )
     # A column an outcome leaves out reads as NULL, as it should (a failed judgment has no result).
-    return len(session.execute(sql, {"rows": pg_rows(outcomes), **common}).all())
-
-
-def abandon(session: Session, kind: str, ids: Sequence[int], error: str) -> None:
-    """Give up on rows whose attempts are spent: recorded as failed, never asked again."""
-    _update_pending(session, kind, ids, lambda t: {"status": FAILED, "error": error, "finished_at": now()})
+    params = {"rows": pg_rows(outcomes), **common, **({"holder": holder} if holder is not None else {})}
+    return len(session.execute(sql, params).all())
 
 
 __all__ = [

@@ -44,8 +44,7 @@ from db.queries import (
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
 from orchestrator.replay_cache import JUDGMENTS, QueryJudgments, RunKey, cached_candidate_lists, run_key
 from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value
-from workers.queues import shard_of, shard_queue
-from workers.tasks import judge_pairwise, judge_pointwise
+from workers.dispatch import send_judgments
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ def _replay(
         result.finished_queries += len(replayed.finished)
         result.new_judgments += len(replayed.inserted)
         result.reused_judgments += replayed.reused
-        result.tasks_sent += enqueue(info, strategy.kind, [(row[0], row[1]) for row in replayed.inserted])
+        result.tasks_sent += send_judgments(info, strategy.kind, [(row[0], row[1]) for row in replayed.inserted])
 
 
 @dataclass
@@ -240,28 +239,3 @@ def _replay_queries(
     asked.subtract(row[1] for row in out.inserted)
     out.conflicted = sorted({q for q, n in asked.items() if n > 0} | contested)
     return out
-
-
-def enqueue(info: RunInfo, kind: str, rows: Sequence[tuple[int, int]]) -> int:
-    """Send judgments ``(id, query_id)`` to the run's model queue (with several per-GPU queues, each
-    query's to its own) in tasks of ``batch_size``, a query's side by side; returns tasks sent.
-
-    New rows were stamped enqueued by their insert; ``reconcile`` stamps the rows it sends again.
-    """
-    task = judge_pairwise if kind == "pairwise" else judge_pointwise
-    shards = run_shards(info)
-    by_queue: dict[str, list[int]] = {}
-    for row_id, query_id in sorted(rows, key=lambda r: (r[1], r[0])):
-        queue = shard_queue(info.queue, shard_of(query_id, shards), shards)
-        by_queue.setdefault(queue, []).append(row_id)
-    sent = 0
-    for queue, ids in by_queue.items():
-        for batch in chunked(ids, max(1, info.batch_size)):
-            task.apply_async(args=[list(batch)], queue=queue)
-            sent += 1
-    return sent
-
-
-def run_shards(info: RunInfo) -> int:
-    """The run's per-GPU queues per model (stored at submit, so resume sends where workers listen)."""
-    return max(1, int(info.params.get("shards") or 1))

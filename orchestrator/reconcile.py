@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
 from db.queries import mark_enqueued, now, run_info, stale_pending
-from orchestrator.coordinator import UnknownRun, advance, enqueue, strategy_for
+from orchestrator.coordinator import UnknownRun, advance, strategy_for
+from workers.dispatch import send_judgments
 
 
 @dataclass
@@ -40,7 +41,7 @@ def reconcile(
         cutoff = None if stale_after is None else now() - timedelta(seconds=stale_after)
         rows = stale_pending(s, run_id, kind, cutoff)
     out = Reconciled(requeued=len(rows))
-    out.tasks_sent = enqueue(info, kind, rows)
+    out.tasks_sent = send_judgments(info, kind, rows)
     with sessions.begin() as s:
         mark_enqueued(s, kind, [i for i, _ in rows])
     step = advance(run_id, sessions=sessions)

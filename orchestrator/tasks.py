@@ -11,7 +11,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 import workers.tasks  # noqa: F401  (registers the judgment tasks this worker may also serve)
 from orchestrator.coordinator import UnknownRun, advance
-from workers.app import app
+from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
 from workers.tasks import ADVANCE_TASK
 
 __all__ = ["app", "advance_task"]
@@ -22,9 +22,9 @@ __all__ = ["app", "advance_task"]
     bind=True,
     autoretry_for=(OperationalError, InterfaceError),
     retry_backoff=1,
-    retry_backoff_max=30,
+    retry_backoff_max=DB_RETRY_BACKOFF_MAX,
     retry_jitter=True,
-    max_retries=50,
+    max_retries=DB_RETRY_MAX,
 )
 def advance_task(self: Task, run_id: int, query_ids: list[int] | None = None) -> dict:
     """Advance a run's queries after their verdicts were stored."""

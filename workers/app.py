@@ -15,6 +15,12 @@ from celery.signals import worker_process_init
 from workers.queues import COORDINATION_QUEUE
 
 BROKER_URL_ENV = "CVGL_BROKER_URL"
+# A task that meets a database error (a restart, a lock or statement timeout) retries every second
+# or two, for up to ten minutes: once the database is back the run moves within seconds (a long
+# exponential backoff would leave it idle for up to the backoff's cap), and the retry takes over
+# the first delivery's leases, so an outage spends no attempt (db/leases.py).
+DB_RETRY_BACKOFF_MAX = 2
+DB_RETRY_MAX = 600
 EMBEDDED_BROKER = "memory://localhost/"
 
 

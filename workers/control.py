@@ -82,7 +82,9 @@ def gpu(state, **_kwargs: Any) -> dict[str, Any]:
     processes = read_status(os.getpid())
     return {
         "node": state.consumer.hostname if state and state.consumer else None,
-        "queues": sorted(q.name for q in state.consumer.task_consumer.queues) if state and state.consumer else [],
+        "queues": sorted(q.name for q in state.consumer.task_consumer.queues)
+        if state and state.consumer
+        else [],
         "judgments_served": sum(p.get("judgments_served", 0) for p in processes),
         "processes": processes,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import datetime
 from typing import NamedTuple
 
 from sqlalchemy.orm import Session
@@ -42,6 +43,13 @@ class JudgmentInput(NamedTuple):
     positive: tuple[bool, ...]
     stage1_rank: tuple[int, ...]
     attempts: int
+    leased_by: str | None = None  # the lease (db/leases.py) as read with the row
+    lease_until: datetime | None = None
+
+    @property
+    def lease(self) -> tuple[int, int, str | None, datetime | None]:
+        """(id, attempts, leased_by, lease_until): what ``db.leases.claim`` decides on."""
+        return (self.id, self.attempts, self.leased_by, self.lease_until)
 
     def problem(self) -> str | None:
         if self.query_path is None:
@@ -63,7 +71,9 @@ def judgment_inputs(
 ) -> list[JudgmentInput]:
     """The pending rows among ``ids`` with what asking them needs. ``runs`` caches run_info by id
     (filled here for the runs met); rows of a run that no longer exists are left out."""
-    rows = pending_judgments(s, kind, ids)  # (id, run_id, query_id, *tile ids, attempts)
+    rows = pending_judgments(
+        s, kind, ids
+    )  # (id, run_id, query_id, *tile ids, attempts, leased_by, lease_until)
     by_run: dict[int, list] = {}
     for row in rows:
         by_run.setdefault(row[1], []).append(row)
@@ -76,7 +86,8 @@ def judgment_inputs(
             continue
         facts = FACTS.get(s, info.candidate_set_id, [row[2] for row in group])
         for row in group:
-            tile_ids = tuple(row[3:-1])
+            tile_ids = tuple(row[3:-3])
+            lease = tuple(row[-3:])  # attempts, leased_by, lease_until
             f = facts.get(row[2])
             if f is None:
                 n = len(tile_ids)
@@ -92,7 +103,7 @@ def judgment_inputs(
                         (None,) * n,
                         (False,) * n,
                         (UNRANKED,) * n,
-                        row[-1],
+                        *lease,
                     )
                 )
                 continue
@@ -109,7 +120,7 @@ def judgment_inputs(
                     tuple([t[1] for t in tiles]),
                     tuple([f.positive == t for t in tile_ids]),
                     tuple([t[2] for t in tiles]),
-                    row[-1],
+                    *lease,
                 )
             )
     return out

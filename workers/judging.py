@@ -21,11 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from db.models import DONE, FAILED
 from workers import scoring
 from workers.judges.base import Judge, JudgeRequest
+from workers.judges.images import BadImage, open_checked
 from workers.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ _READABLE_MAX = 50_000
 
 
 def unreadable_images(request: JudgeRequest) -> list[str]:
-    """Problems with the request's images ("missing: path", "corrupt: path (reason)"); empty if fine.
+    """Problems with the request's images ("missing: path", "corrupt: ...", "too large: ..."); empty if fine.
 
     Checked before any judge runs, so a bad file fails its own judgments with its name, and the
     simulated judge (which never opens images) sees the same failures a real model would.
@@ -104,8 +103,11 @@ def unreadable_images(request: JudgeRequest) -> list[str]:
             problems.append(f"missing: {path}")
             continue
         try:
-            with Image.open(path) as im:
+            with open_checked(path) as im:  # header checked: sizes bounded before anything decodes
                 im.verify()
+        except BadImage as exc:
+            problems.append(f"{exc.reason}: {exc}")
+            continue
         except Exception as exc:  # PIL raises many types for broken files
             problems.append(f"corrupt: {path} ({type(exc).__name__}: {exc})")
             continue

@@ -17,6 +17,7 @@ from db.queries import record_outcomes, run_info
 from orchestrator.cli import cli
 from orchestrator.reconcile import reconcile
 from orchestrator.submit import OPEN_QUERIES_PER_GPU, RunSpec, create_run
+from workers import dispatch
 from workers.queues import shard_of, shard_queue
 
 
@@ -133,13 +134,14 @@ def test_vlm_runs_open_64_queries_per_gpu_queue_and_the_simulated_judge_all(stor
 
 def test_each_query_goes_to_its_own_gpu_queue(stored, monkeypatch):
     sent: list[tuple[str, list[int]]] = []
+    limits: list[float] = []
 
-    class Recorder:
-        @staticmethod
-        def apply_async(args, queue):
-            sent.append((queue, args[0]))
+    def send_task(name, args, queue, time_limit):
+        assert name == "cvgl.judge_pairwise"
+        sent.append((queue, args[0]))
+        limits.append(time_limit)
 
-    monkeypatch.setattr(coordinator, "judge_pairwise", Recorder)
+    monkeypatch.setattr(dispatch.app, "send_task", send_task)
     monkeypatch.setenv("CVGL_VLM_SHARDS", "3")
     with stored.begin() as s:
         run_id = create_run(s, RunSpec(judge="simulated", n_queries=None, k=8, batch_size=5))
@@ -157,3 +159,6 @@ def test_each_query_goes_to_its_own_gpu_queue(stored, monkeypatch):
         for i in ids:
             tasks_of_query.setdefault(query_of[i], set()).add(n)
     assert all(len(t) <= 2 and max(t) - min(t) == len(t) - 1 for t in tasks_of_query.values())
+    # A task's hard time limit grows with its size (a hung GPU stops it; workers/dispatch.py).
+    assert all(limit == dispatch.time_limit(len(ids)) for limit, (_, ids) in zip(limits, sent, strict=True))
+    assert dispatch.time_limit(5) > dispatch.time_limit(1)

@@ -9,21 +9,19 @@ seed, with 0 lost and 0 duplicated judgment rows and at most one batch re-done p
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 
-from db.migrate import upgrade_to_head
 from db.models import PairwiseVerdict, Ranking, Run
 from orchestrator.strategies.mergesort import MergeSort
 from tests.builders import candidates_from_csv, positives_from_files, synthetic_dataset
-from tests.integration.conftest import REPO, CeleryWorker, cli
-from tests.services import PostgresServer, RedisServer, free_port
+from tests.faults.stack import Stack
+from tests.integration.conftest import REPO, cli
 from workers.judges.simulated import SimulatedJudge
 
 pytestmark = pytest.mark.integration
@@ -40,53 +38,15 @@ def poison_key(dataset: Path) -> str:
     for query in sorted(stage1):
         order = stage1[query]
         for a, b in MergeSort().replay(order, {}).items:
-            ctx = {"query": query, "tiles": (a, b), "positive": (a == positives[query], b == positives[query]),
-                   "stage1_rank": (order.index(a) + 1, order.index(b) + 1)}
+            ctx = {
+                "query": query,
+                "tiles": (a, b),
+                "positive": (a == positives[query], b == positives[query]),
+                "stage1_rank": (order.index(a) + 1, order.index(b) + 1),
+            }
             if judge.p_first(ctx) > 0.5:
                 return f"{query}|{a}|{b}"
     raise AssertionError("no suitable poison comparison")
-
-
-class Stack:
-    def __init__(self, root: Path):
-        self.root = root
-        self.redis = RedisServer(root / "redis", free_port()).start(appendonly=False)
-        self.pg = PostgresServer(None, free_port()).start()
-        admin = create_engine(self.pg.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text("CREATE DATABASE cvgl"))
-        admin.dispose()
-        self.url = self.pg.url("cvgl")
-        upgrade_to_head(self.url)
-        self.engine = create_engine(self.url, pool_pre_ping=True)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CVGL_")}
-        self.env.update(CVGL_DATABASE_URL=self.url, CVGL_BROKER_URL=self.redis.url, CVGL_HOME=str(root / "home"),
-                        CVGL_VISIBILITY_TIMEOUT="8", CVGL_UNACKED_RESTORE_INTERVAL="1",
-                        CVGL_SOFT_SHUTDOWN_TIMEOUT="2", CVGL_STALL_SECONDS="3", PYTHONPATH=str(REPO))
-        self.workers: list[CeleryWorker] = []
-
-    def worker(self, queues: list[str], name: str, app: str) -> CeleryWorker:
-        w = CeleryWorker(self.env, queues, name, app=app, log=self.root / f"{name}.log").start()
-        self.workers.append(w)
-        return w
-
-    def scalar(self, stmt):
-        deadline = time.monotonic() + 60
-        while True:  # PostgreSQL may be restarting
-            try:
-                with self.engine.connect() as c:
-                    return c.scalar(stmt)
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.stop()
-        self.engine.dispose()
-        self.redis.stop()
-        self.pg.destroy()
 
 
 def test_one_run_survives_every_fault(tmp_path, capsys):
@@ -105,11 +65,27 @@ def _run_faults(stack: Stack, dataset: Path, capsys) -> None:
     judge_worker = stack.worker(["vlm.simulated"], "vlm-simulated", "workers.app")
     coordinator = stack.worker(["coordination"], "coordinator", "orchestrator.tasks")
     poison = poison_key(dataset)
-    common = ["submit", "--strategy", "pairwise", "--all-queries", "--seed", str(SEED), "--accuracy", str(ACCURACY),
-              "--batch-size", str(BATCH), "--max-attempts", str(MAX_ATTEMPTS)]
-    orchestrator = subprocess.Popen([sys.executable, "-m", "orchestrator", *common, "--latency-ms", "4",
-                                     "--poison", poison, "--wait"], env=env, cwd=REPO,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = [
+        "submit",
+        "--strategy",
+        "pairwise",
+        "--all-queries",
+        "--seed",
+        str(SEED),
+        "--accuracy",
+        str(ACCURACY),
+        "--batch-size",
+        str(BATCH),
+        "--max-attempts",
+        str(MAX_ATTEMPTS),
+    ]
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *common, "--latency-ms", "4", "--poison", poison, "--wait"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run_id = None
     while run_id is None:
         run_id = stack.scalar(select(func.max(Run.id)))
@@ -120,8 +96,13 @@ def _run_faults(stack: Stack, dataset: Path, capsys) -> None:
         return stack.scalar(select(func.count()).select_from(v).where(v.run_id == run_id, v.status == "done"))
 
     def in_flight() -> bool:
-        return bool(stack.scalar(select(func.count()).select_from(v).where(
-            v.run_id == run_id, v.status == "pending", v.attempts >= 1)))
+        return bool(
+            stack.scalar(
+                select(func.count())
+                .select_from(v)
+                .where(v.run_id == run_id, v.status == "pending", v.attempts >= 1)
+            )
+        )
 
     def wait_until(pred, what: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -161,9 +142,16 @@ def _run_faults(stack: Stack, dataset: Path, capsys) -> None:
 
     def restart_coordination() -> None:
         stack.worker(["coordination"], "coordinator-2", "orchestrator.tasks")
-        resume.append(subprocess.Popen([sys.executable, "-m", "orchestrator", "resume", str(run_id), "--wait"],
-                                       env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                       text=True))
+        resume.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "resume", str(run_id), "--wait"],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        )
 
     inject("coordinator and orchestrator SIGKILL", kill_coordination, then=restart_coordination)
     out, _ = resume[0].communicate(timeout=300)
@@ -171,11 +159,18 @@ def _run_faults(stack: Stack, dataset: Path, capsys) -> None:
     assert stack.scalar(select(Run.status).where(Run.id == run_id)) == "done"
 
     with stack.engine.connect() as c:
-        rows = c.execute(select(v.query_id, v.tile_first, v.tile_second, v.status, v.attempts, v.error)
-                         .where(v.run_id == run_id)).all()
-        dup = c.execute(text(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM pairwise_verdicts WHERE run_id = :r "
-            "GROUP BY query_id, tile_first, tile_second HAVING COUNT(*) > 1) d"), {"r": run_id}).scalar()
+        rows = c.execute(
+            select(v.query_id, v.tile_first, v.tile_second, v.status, v.attempts, v.error).where(
+                v.run_id == run_id
+            )
+        ).all()
+        dup = c.execute(
+            text(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM pairwise_verdicts WHERE run_id = :r "
+                "GROUP BY query_id, tile_first, tile_second HAVING COUNT(*) > 1) d"
+            ),
+            {"r": run_id},
+        ).scalar()
     failed = [r for r in rows if r.status == "failed"]
     assert [r.status for r in rows if r.status == "pending"] == []
     assert len(failed) == 1 and failed[0].attempts == MAX_ATTEMPTS and "gave up" in failed[0].error
@@ -190,20 +185,31 @@ def _run_faults(stack: Stack, dataset: Path, capsys) -> None:
     def rankings(r: int) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         with stack.engine.connect() as c:
-            for q, t in c.execute(select(Ranking.query_id, Ranking.tile_id).where(Ranking.run_id == r)
-                                  .order_by(Ranking.query_id, Ranking.rank)):
+            for q, t in c.execute(
+                select(Ranking.query_id, Ranking.tile_id)
+                .where(Ranking.run_id == r)
+                .order_by(Ranking.query_id, Ranking.rank)
+            ):
                 out.setdefault(q, []).append(t)
         return out
 
     assert rankings(run_id) == rankings(reference)
     with stack.engine.connect() as c:
-        ref_keys = set(c.execute(select(v.query_id, v.tile_first, v.tile_second).where(v.run_id == reference)).all())
-    assert {(r.query_id, r.tile_first, r.tile_second) for r in rows} == ref_keys, "a judgment is lost or extra"
+        ref_keys = set(
+            c.execute(select(v.query_id, v.tile_first, v.tile_second).where(v.run_id == reference)).all()
+        )
+    assert {(r.query_id, r.tile_first, r.tile_second) for r in rows} == ref_keys, (
+        "a judgment is lost or extra"
+    )
 
     with capsys.disabled():
         print(f"\nfault suite: run {run_id}, {len(rows)} judgments, batch {BATCH}")
         print(f"  faults injected: {n_faults} ({', '.join(recovery)}, poison judgment)")
         for name, seconds in recovery.items():
-            print(f"  time to recover from {name}: {seconds:.1f} s (until {BATCH} more judgments were stored)")
-        print(f"  judgments re-done: {redone} (bound {n_faults * BATCH}); failed: 1 poison after {MAX_ATTEMPTS} attempts")
+            print(
+                f"  time to recover from {name}: {seconds:.1f} s (until {BATCH} more judgments were stored)"
+            )
+        print(
+            f"  judgments re-done: {redone} (bound {n_faults * BATCH}); failed: 1 poison after {MAX_ATTEMPTS} attempts"
+        )
         print("  lost: 0, duplicated: 0, rankings identical to fault-free run", reference)

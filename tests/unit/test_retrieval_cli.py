@@ -192,3 +192,39 @@ def test_migration_0003_downgrades_and_upgrades():
 def test_a_spec_without_weights_is_refused_before_touching_the_database():
     with pytest.raises(RetrieveError, match="no --checkpoint given"):
         create_or_resume(None, RetrieveSpec(name="r"))  # type: ignore[arg-type]
+
+
+def test_a_shard_another_live_worker_embeds_is_deferred_not_counted(ingested, monkeypatch):
+    """Retrieval shards follow the judgments' lease rule (db/leases.py): a duplicate delivery of a
+    shard being embedded costs no attempt and is asked again when that lease would run out."""
+    from datetime import UTC, datetime, timedelta
+
+    from workers.retrieval import tasks as retrieval_tasks
+
+    with session_factory().begin() as s:
+        create_or_resume(s, RetrieveSpec(name="r", random_init=True, shard_size=5))
+    with session_factory().begin() as s:
+        shard = s.scalar(select(EmbeddingShard.id).order_by(EmbeddingShard.id).limit(1))
+        s.execute(
+            EmbeddingShard.__table__.update()
+            .where(EmbeddingShard.id == shard)
+            .values(
+                attempts=1,
+                leased_by="gpu-box-9:77:cafe",
+                lease_until=datetime.now(UTC) + timedelta(seconds=20),
+            )
+        )
+    sent = []
+    monkeypatch.setattr(
+        retrieval_tasks.app,
+        "send_task",
+        lambda name, args, queue, countdown: sent.append((name, args, countdown)),
+    )
+    out = retrieval_tasks.embed_shard(shard)
+    assert "deferred" in out and "being embedded elsewhere" in out["deferred"]
+    assert sent and sent[0][:2] == ("cvgl.embed_shard", [shard]) and 19 < sent[0][2] < 23
+    with session_factory()() as s:
+        row = s.execute(
+            select(EmbeddingShard.attempts, EmbeddingShard.status).where(EmbeddingShard.id == shard)
+        ).one()
+    assert tuple(row) == (1, "pending")

@@ -515,15 +515,19 @@ class HFVisionJudge:
                 else:
                     found[key] = cached
         todo = list(missing.items())
-        # All decoded before any GPU work: a bad file fails the batch before the model runs.
-        prepared = map_images(
-            lambda path: self.preprocess(load_image(path)), [p for _, p in todo], self.settings.loader_threads
-        )
-        self.counters["images_encoded"] += len(todo)
+        # Decoded a chunk at a time (its header checked first, images.py): memory stays bounded
+        # whatever the batch holds; a bad file fails the batch, then retried one at a time.
         for start in range(0, len(todo), VISION_CHUNK):
+            chunk = todo[start : start + VISION_CHUNK]
+            prepared = map_images(
+                lambda path: self.preprocess(load_image(path)),
+                [p for _, p in chunk],
+                self.settings.loader_threads,
+            )
             with torch.inference_mode():
-                encoded = self.encode(prepared[start : start + VISION_CHUNK])
-            for (key, _), feats in zip(todo[start : start + VISION_CHUNK], encoded, strict=True):
+                encoded = self.encode(prepared)
+            self.counters["images_encoded"] += len(chunk)
+            for (key, _), feats in zip(chunk, encoded, strict=True):
                 found[key] = feats
                 self.features.put(key, feats)
         return [[found[k] for k in row_keys] for row_keys in keys]

@@ -1,8 +1,8 @@
 """Where retrieval state lives: shard rows in SQL, embeddings in float16 .npy files they name.
 
-The database decides what is left, as for judgments: a shard is embedded by whoever claims it
-while it is 'pending' (attempts + 1), and completed once by an UPDATE guarded by
-``status = 'pending'``; its file is written (atomically, fsynced) before that UPDATE, so a shard
+The database decides what is left, as for judgments: a shard is embedded by whoever leases it
+while it is 'pending' (``db/leases.py``), and completed once by an UPDATE guarded by
+``status = 'pending'`` and the lease; its file is written (atomically, fsynced) before that UPDATE, so a shard
 marked 'done' always has its file, and a 'done' shard is never embedded again. Files go under
 ``CVGL_EMBEDDINGS_DIR`` (default ``CVGL_HOME/embeddings``), one folder per run; with PostgreSQL
 and several hosts that folder must be shared storage mounted at the same path everywhere.
@@ -19,6 +19,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,8 @@ class ShardWork:
     status: str
     attempts: int
     max_attempts: int
+    leased_by: str | None  # the lease (db/leases.py) as read with the shard
+    lease_until: datetime | None
     item_ids: tuple[int, ...]
     paths: tuple[str, ...]  # absolute
     relative_paths: tuple[str, ...]
@@ -155,6 +158,10 @@ class ShardWork:
     @property
     def label(self) -> str:
         return f"{self.kind} shard {self.shard_index}"
+
+    @property
+    def lease(self) -> tuple[int, int, str | None, datetime | None]:
+        return (self.shard_id, self.attempts, self.leased_by, self.lease_until)
 
 
 def shard_work(s: Session, shard_id: int) -> ShardWork | None:
@@ -185,6 +192,8 @@ def shard_work(s: Session, shard_id: int) -> ShardWork | None:
         status=shard.status,
         attempts=shard.attempts,
         max_attempts=run.max_attempts,
+        leased_by=shard.leased_by,
+        lease_until=shard.lease_until,
         item_ids=tuple(ids),
         paths=tuple(str(Path(root) / p) for p in rel),
         relative_paths=rel,
@@ -199,17 +208,6 @@ def shard_work(s: Session, shard_id: int) -> ShardWork | None:
     )
 
 
-def claim_shard(s: Session, shard_id: int, worker: str) -> bool:
-    """Count an attempt on a pending shard before embedding it (a crash still counts)."""
-    result = s.execute(
-        update(EmbeddingShard)
-        .where(EmbeddingShard.id == shard_id, EmbeddingShard.status == PENDING)
-        .values(attempts=EmbeddingShard.attempts + 1, worker=worker)
-        .returning(EmbeddingShard.id)
-    )
-    return result.first() is not None
-
-
 def complete_shard(
     s: Session,
     work: ShardWork,
@@ -220,11 +218,16 @@ def complete_shard(
     seconds: float,
     device: str,
     worker: str,
+    holder: str | None = None,
 ) -> bool:
-    """Mark the shard done (once) and record its unreadable images; False if another delivery won."""
+    """Mark the shard done (once) and record its unreadable images; False if another delivery won
+    (or, with ``holder``, if that process no longer holds the shard's lease)."""
+    guard = [EmbeddingShard.id == work.shard_id, EmbeddingShard.status == PENDING]
+    if holder is not None:
+        guard.append(EmbeddingShard.leased_by == holder)
     won = s.execute(
         update(EmbeddingShard)
-        .where(EmbeddingShard.id == work.shard_id, EmbeddingShard.status == PENDING)
+        .where(*guard)
         .values(
             status=DONE,
             file=work.file_name,
@@ -234,6 +237,7 @@ def complete_shard(
             worker=worker[:255],
             error=None,
             finished_at=now(),
+            lease_until=None,
         )
         .returning(EmbeddingShard.id)
     ).first()
@@ -512,7 +516,7 @@ def reset_failed(s: Session, run_id: int) -> int:
     s.execute(
         update(EmbeddingShard)
         .where(EmbeddingShard.retrieval_run_id == run_id, EmbeddingShard.status != DONE)
-        .values(status=PENDING, attempts=0, error=None, finished_at=None)
+        .values(status=PENDING, attempts=0, error=None, finished_at=None, leased_by=None, lease_until=None)
     )
     s.execute(
         update(RetrievalRun)

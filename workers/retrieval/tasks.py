@@ -1,7 +1,8 @@
 """Retrieval tasks on the ``retrieval`` queue: embed one shard; rank the queries once all are embedded.
 
 ``cvgl.embed_shard(shard_id)`` skips a shard that is no longer pending (stored shards are never
-recomputed), counts an attempt, embeds the shard's images with the process's encoder, writes the
+recomputed) or that another live worker holds the lease of (``db/leases.py``: a duplicate delivery
+costs nothing), leases it (an attempt), embeds the shard's images with the process's encoder, writes the
 float16 file and marks the shard done; the delivery that leaves no shard pending sends
 ``cvgl.rank_candidates(run_id)``, which writes the top-K candidate set. A bad checkpoint or an
 unknown model fails the whole run with the reason (rerunning the command resets it); a missing
@@ -19,11 +20,13 @@ import time
 
 from celery import Task
 from celery.exceptions import Reject
+from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
+from db import leases
 from db.engine import session_factory
-from db.models import PENDING, RETRIEVAL_RUNNING, RetrievalRun
-from workers.app import app
+from db.models import PENDING, RETRIEVAL_RUNNING, EmbeddingShard, RetrievalRun
+from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
 from workers.queues import RETRIEVAL_QUEUE
 from workers.retrieval import store
 
@@ -38,9 +41,9 @@ class RetrievalTask(Task):
     # A database blip must not lose the work: retry with backoff (the DB decides what is left).
     autoretry_for = _DB_ERRORS
     retry_backoff = 1
-    retry_backoff_max = 30
+    retry_backoff_max = DB_RETRY_BACKOFF_MAX
     retry_jitter = True
-    max_retries = 50
+    max_retries = DB_RETRY_MAX
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -55,10 +58,21 @@ def _worker(task: Task) -> str:
     return getattr(task.request, "hostname", None) or socket.gethostname()
 
 
-@app.task(name=EMBED_SHARD_TASK, base=RetrievalTask, bind=True)
-def embed_shard(self: Task, shard_id: int) -> dict:
-    """Embed one shard of a retrieval run, unless it is stored already."""
+@app.task(name=EMBED_SHARD_TASK, bind=True, max_retries=DB_RETRY_MAX)
+def embed_shard(self: Task, shard_id: int, holders: list[str] | None = None) -> dict:
+    """Embed one shard of a retrieval run, unless it is stored already (or being embedded elsewhere)."""
     shard_id = _positive_int(shard_id, EMBED_SHARD_TASK)
+    adopt = [h for h in (holders or []) if isinstance(h, str)][-4:]
+    try:
+        return _embed_shard(self, shard_id, adopt)
+    except _DB_ERRORS as exc:
+        # As for judgments (workers/tasks.py): the retry takes over this process's lease.
+        handed = list(dict.fromkeys([*adopt, leases.holder()]))[-4:]
+        countdown = get_exponential_backoff_interval(1, self.request.retries, DB_RETRY_BACKOFF_MAX, True)
+        raise self.retry(exc=exc, kwargs={"holders": handed}, countdown=countdown) from exc
+
+
+def _embed_shard(task: Task, shard_id: int, adopt: list[str]) -> dict:
     sessions = session_factory()
     with sessions.begin() as s:
         work = store.shard_work(s, shard_id)
@@ -68,23 +82,37 @@ def embed_shard(self: Task, shard_id: int) -> dict:
         return {"shard": shard_id, "skipped": f"already {work.status}"}
     if work.run_status != RETRIEVAL_RUNNING:
         return {"shard": shard_id, "skipped": f"run {work.run_id} is {work.run_status}"}
-    if work.attempts >= work.max_attempts:
-        with sessions.begin() as s:
-            store.give_up_shard(
-                s,
-                work,
-                f"gave up on {work.label} after {work.attempts} attempts: the worker died while embedding it",
-            )
-        log.error(
-            "gave up on %s of retrieval run %d after %d attempts", work.label, work.run_id, work.attempts
-        )
+    worker = _worker(task)
+    me = leases.holder()
+    table = EmbeddingShard.__table__
+    give_up = f"gave up on {work.label} after {work.max_attempts} attempts: each time, its worker died or froze while embedding it"
+    lease_args = dict(me=me, max_attempts=work.max_attempts, give_up=give_up)
+    with sessions.begin() as s:
+        claimed = leases.claim(s, table, [work.lease], adopt=adopt, extra={"worker": worker}, **lease_args)
+        if claimed.recovered:  # one shard: taken again at once (an attempt)
+            taken = leases.take_one(s, table, shard_id, extra={"worker": worker}, **lease_args)
+            if not taken and work.attempts >= work.max_attempts:
+                claimed.spent = [shard_id]
+            claimed.fresh += [shard_id] if taken else []
+        if claimed.spent:
+            store.skip_images(s, work, dict.fromkeys(range(len(work.item_ids)), give_up))
+    if claimed.spent:
+        log.error("%s", give_up)
         _rank_when_embedded(work.run_id)
         return {"shard": shard_id, "failed": True}
-    worker = _worker(self)
-    with sessions.begin() as s:
-        if not store.claim_shard(s, shard_id, worker):
-            return {"shard": shard_id, "skipped": "claimed elsewhere and finished"}
+    if not claimed.held:
+        # A duplicate: asked again when the holder's lease would run out (see workers/tasks.py).
+        wait = claimed.defer_seconds()
+        app.send_task(EMBED_SHARD_TASK, args=[shard_id], queue=RETRIEVAL_QUEUE, countdown=wait)
+        return {"shard": shard_id, "deferred": f"being embedded elsewhere: asked again in {wait:.0f} s"}
+    with leases.LeaseKeeper(sessions, table, me) as keeper:
+        keeper.hold([shard_id])
+        return _embed_held(sessions, work, worker, me)
 
+
+def _embed_held(sessions, work: store.ShardWork, worker: str, me: str) -> dict:
+    """Embed a shard this process holds the lease of, and store it."""
+    shard_id = work.shard_id
     from workers.retrieval.encoder import CheckpointError, EncoderSpec, UnknownModel, get_encoder
 
     spec = EncoderSpec(
@@ -119,6 +147,7 @@ def embed_shard(self: Task, shard_id: int) -> dict:
             seconds=result.seconds,
             device=encoder.device_label,
             worker=worker,
+            holder=me,
         )
     for msg in result.errors.values():
         log.warning("retrieval run %d skipped an image: %s", work.run_id, msg)
