@@ -97,9 +97,10 @@ class FaultRun:
     def start(self) -> None:
         self.judges = [self._judge() for _ in range(2)]
         self.coordinators = [self._coordinator_worker() for _ in range(2)]
+        before = self.stack.scalar(select(func.max(Run.id))) or 0  # earlier runs on this stack
         self.t0 = time.monotonic()
         self.waiter = self.stack.cli(*self.submit, "--wait")
-        while not self.run_id:
+        while self.run_id <= before:
             self.run_id = self.stack.scalar(select(func.max(Run.id))) or 0
             time.sleep(0.1)
 

@@ -41,7 +41,8 @@ class Stack:
             CVGL_VISIBILITY_TIMEOUT="8",
             CVGL_UNACKED_RESTORE_INTERVAL="1",
             CVGL_SOFT_SHUTDOWN_TIMEOUT="2",
-            CVGL_STALL_SECONDS="3",
+            # A lost message (Redis FLUSHALL) is re-sent once the run has not moved for this long.
+            CVGL_STALL_SECONDS="2",
             PYTHONPATH=str(REPO),
             **env,
         )

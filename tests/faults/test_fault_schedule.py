@@ -36,6 +36,9 @@ SUBMIT = [
     "--no-reuse",
 ]
 RECOVERY_BOUND_S = 5.0
+# Redis gives a dead or frozen worker's unacknowledged batch back after the visibility timeout (8 s
+# here): until then the run may have nothing else to do.
+VISIBILITY_TIMEOUT_CASES = {"freeze", "parent"}
 
 
 def test_a_seeded_random_fault_schedule(tmp_path, capsys):
@@ -66,5 +69,7 @@ def test_a_seeded_random_fault_schedule(tmp_path, capsys):
         print(f"  run done in {total:.0f} s ({time.monotonic() - t0:.0f} s of faults and recovery): {counts}")
         print("  rankings and verdicts identical to the fault-free run", reference)
     assert sorted(f.kind for f in run.faults) == sorted(KINDS)  # every kind was injected while the run ran
-    slow = [f for f in run.faults if f.kind != "freeze" and f.recovered_s > RECOVERY_BOUND_S]
+    slow = [
+        f for f in run.faults if f.kind not in VISIBILITY_TIMEOUT_CASES and f.recovered_s > RECOVERY_BOUND_S
+    ]
     assert not slow, f"slower than {RECOVERY_BOUND_S} s to move again: {slow}"

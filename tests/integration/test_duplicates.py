@@ -128,26 +128,21 @@ def test_a_frozen_worker_past_the_visibility_timeout_changes_nothing_when_it_wak
         _wait(lambda: _done(engine, run_id), 90, "the run to finish without the frozen worker")
     finally:
         os.kill(child.pid, signal.SIGCONT)
-    with engine.connect() as c:
-        before = c.execute(
-            select(
+
+    def stored() -> list:
+        with engine.connect() as c:
+            columns = (
                 PairwiseVerdict.id,
                 PairwiseVerdict.worker,
                 PairwiseVerdict.first_wins,
                 PairwiseVerdict.finished_at,
-            ).where(PairwiseVerdict.id.in_(held))
-        ).all()
+            )
+            return c.execute(select(*columns).where(PairwiseVerdict.id.in_(held))).all()
+
+    before = stored()
     assert all(r.worker.startswith("vlm-simulated-live@") for r in before)  # finished elsewhere
     time.sleep(3)  # the frozen worker wakes, finishes its batch, tries to store it
-    with engine.connect() as c:
-        after = c.execute(
-            select(
-                PairwiseVerdict.id,
-                PairwiseVerdict.worker,
-                PairwiseVerdict.first_wins,
-                PairwiseVerdict.finished_at,
-            ).where(PairwiseVerdict.id.in_(held))
-        ).all()
+    after = stored()
     assert after == before
     rows = _rows(engine, run_id)
     assert all(r.status == "done" for r in rows)

@@ -125,6 +125,21 @@ def test_segment_attention_equals_one_call_per_segment():
     assert (out - full).abs().max() > 0.1
 
 
+def test_segment_groups_are_worked_out_once_per_boundary_tensor():
+    """Every windowed block of one vision pass gets the same boundary tensor: one host copy, not 28."""
+    from workers.judges import segment_attention as sa
+
+    cu = torch.tensor([0, 4, 8, 11])
+    first = sa.segment_groups(cu)
+    assert sa.segment_groups(cu) is first
+    assert [(n, length) for n, length, _ in first] == [(2, 4), (1, 3)]
+    other = torch.tensor([0, 4, 8, 11])  # equal values, another pass: worked out again
+    assert sa.segment_groups(other) is not first
+    key = id(cu)
+    del cu, first
+    assert key not in sa._GROUPS  # gone with its tensor
+
+
 # -- M-RoPE positions ---------------------------------------------------------------------------------
 
 

@@ -12,10 +12,45 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# One vision-tower pass hands the same boundary tensor to its 28 windowed blocks (and another to its
+# 4 full-attention ones): the grouping is worked out once per tensor, not once per block (each
+# costs a device-to-host copy that stalls the GPU). Entries go with their tensor (a weak reference).
+_GROUPS: dict[int, tuple[weakref.ref, list[tuple[int, int, torch.Tensor]]]] = {}
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    if _GROUPS.get(key, (None,))[0] is ref:
+        del _GROUPS[key]
+
+
+def segment_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """``(segments, length, token index)`` per distinct segment length of ``cu_seqlens``."""
+    key = id(cu_seqlens)
+    entry = _GROUPS.get(key)
+    if entry is not None and entry[0]() is cu_seqlens:
+        return entry[1]
+    bounds = cu_seqlens.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    device = cu_seqlens.device
+    groups = [
+        (
+            len(starts),
+            length,
+            (torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)).reshape(-1),
+        )
+        for length, starts in by_length.items()
+    ]
+    _GROUPS[key] = (weakref.ref(cu_seqlens, lambda ref, key=key: _forget(ref, key)), groups)
+    return groups
 
 
 def segment_attention(
@@ -29,22 +64,12 @@ def segment_attention(
     Returns:
         [tokens, heads, head_dim]: each token attends to the tokens of its own segment only.
     """
-    bounds = cu_seqlens.tolist()
-    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths, strict=True):
-        if length > 0:
-            by_length.setdefault(length, []).append(start)
     out = torch.empty_like(q)
-    for length, group in by_length.items():
-        # [segments, length] token indices, then [segments, heads, length, head_dim] per tensor.
-        index = torch.tensor(group, device=q.device)[:, None] + torch.arange(length, device=q.device)
-        flat = index.reshape(-1)
-        gather = [
-            t.index_select(0, flat).view(len(group), length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
-        ]
+    for n, length, flat in segment_groups(cu_seqlens):
+        # [segments, heads, length, head_dim] per tensor: one attention call for the group.
+        gather = [t.index_select(0, flat).view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
         res = F.scaled_dot_product_attention(*gather, scale=scale)
-        out.index_copy_(0, flat, res.transpose(1, 2).reshape(len(group) * length, *q.shape[1:]))
+        out.index_copy_(0, flat, res.transpose(1, 2).reshape(n * length, *q.shape[1:]))
     return out
 
 

@@ -21,11 +21,12 @@ import time
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from db import leases
 from db.engine import session_factory
-from db.models import PENDING, RETRIEVAL_RUNNING, EmbeddingShard, RetrievalRun
+from db.models import FAILED, PENDING, RETRIEVAL_RUNNING, EmbeddingShard, RetrievalRun
 from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
 from workers.queues import RETRIEVAL_QUEUE
 from workers.retrieval import store
@@ -89,11 +90,11 @@ def _embed_shard(task: Task, shard_id: int, adopt: list[str]) -> dict:
     lease_args = dict(me=me, max_attempts=work.max_attempts, give_up=give_up)
     with sessions.begin() as s:
         claimed = leases.claim(s, table, [work.lease], adopt=adopt, extra={"worker": worker}, **lease_args)
-        if claimed.recovered:  # one shard: taken again at once (an attempt)
-            taken = leases.take_one(s, table, shard_id, extra={"worker": worker}, **lease_args)
-            if not taken and work.attempts >= work.max_attempts:
+        if claimed.recovered:  # one shard: taken again at once (an attempt), or failed if spent
+            if leases.take_one(s, table, shard_id, extra={"worker": worker}, **lease_args):
+                claimed.fresh.append(shard_id)
+            elif s.scalar(select(EmbeddingShard.status).where(EmbeddingShard.id == shard_id)) == FAILED:
                 claimed.spent = [shard_id]
-            claimed.fresh += [shard_id] if taken else []
         if claimed.spent:
             store.skip_images(s, work, dict.fromkeys(range(len(work.item_ids)), give_up))
     if claimed.spent:
