@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -97,6 +98,11 @@ def main() -> int:
         help="end to end: submit's --max-open-queries (default: submit's)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep-files",
+        action="store_true",
+        help="keep the working folder (images, checkpoint, database, logs)",
+    )
     args = parser.parse_args()
 
     smoke = args.cpu_smoke
@@ -220,6 +226,10 @@ def main() -> int:
     log(f"done in {time.perf_counter() - T0:.1f} s; results in {args.out}")
     save()
     summary(results)
+    if args.keep_files:
+        print(f"working folder kept: {work}", flush=True)
+    else:  # a 7B checkpoint is 14 GB
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if results.get("errors") else 0
 
 
