@@ -514,10 +514,11 @@ def _drive(
     """Start (or resume) the run's work; in embedded mode, serve it in-process until done."""
     if is_embedded():
         from orchestrator.embedded import embedded_worker, worker_busy
+        from workers.dispatch import run_shards
 
         with sf() as s:
             run = s.get(Run, run_id)
-            queues = run_queues(run.queue, int((run.params or {}).get("shards") or 1))
+            queues = run_queues(run.queue, run_shards(run.params))
         with embedded_worker(queues):
             start()
             return wait_for_run(

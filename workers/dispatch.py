@@ -11,7 +11,8 @@ hung GPU) is sent again and its judgments are taken one at a time, as after a cr
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from db.queries import RunInfo, chunked
 from workers.app import app
@@ -29,9 +30,10 @@ def time_limit(n_judgments: int) -> float:
     return base + per * n_judgments
 
 
-def run_shards(info: RunInfo) -> int:
-    """The run's per-GPU queues per model (stored at submit, so resume sends where workers listen)."""
-    return max(1, int(info.params.get("shards") or 1))
+def run_shards(params: Mapping[str, Any] | None) -> int:
+    """A run's per-GPU queues per model, from its params (stored at submit, so resume sends where
+    the workers listen)."""
+    return max(1, int((params or {}).get("shards") or 1))
 
 
 def send_judgments(
@@ -43,7 +45,7 @@ def send_judgments(
 ) -> int:
     """Send judgments ``(id, query_id)`` of run ``info`` in tasks of ``batch_size`` (default the
     run's), after ``countdown`` seconds; returns tasks sent."""
-    shards = run_shards(info)
+    shards = run_shards(info.params)
     by_queue: dict[str, list[int]] = {}
     for row_id, query_id in sorted(rows, key=lambda r: (r[1], r[0])):
         queue = shard_queue(info.queue, shard_of(query_id, shards), shards)
