@@ -1,7 +1,10 @@
-"""The SQL that reports read: Recall@k per run and for the stage-1 baseline.
+"""The SQL that reports read, parameterised. Every query of a positive's stage-1 rank goes
+through the view ``positive_ranks`` and every per-run query through ``run_query_ranks``
+(migration 0006).
 
-The views ``run_query_ranks``, ``run_recall`` and ``candidate_set_recall`` are created by
-migration 0002; a psql user can select from them directly. R@k counts the positive only.
+R@k counts the positive only. ``run_query_ranks`` cuts a run's stage-1 rank at the run's K, so a
+run's baseline is on that run's queries and at that run's K. The views ``run_recall`` and
+``candidate_set_recall`` give the same recalls to psql users (docs/sql.md).
 """
 
 from __future__ import annotations
@@ -13,41 +16,9 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
-RECALL_KS = (1, 3, 5, 10)
 
-
-def _recall_sql(rank_col: str) -> str:
-    return ", ".join(
-        f"CAST(100.0 * AVG(CASE WHEN {rank_col} <= {k} THEN 1.0 ELSE 0.0 END) AS DOUBLE PRECISION) AS recall_at_{k}"
-        for k in RECALL_KS
-    )
-
-
-RUN_RECALL = text(
-    "SELECT rr.*, cs.name AS candidates FROM run_recall rr JOIN candidate_sets cs ON cs.id = rr.candidate_set_id"
-    " WHERE rr.run_id IN :run_ids ORDER BY rr.run_id"
-).bindparams(bindparam("run_ids", expanding=True))
-
-CANDIDATE_SET_RECALL = text(
-    "SELECT * FROM candidate_set_recall WHERE candidate_set_id IN :ids ORDER BY candidate_set_id"
-).bindparams(bindparam("ids", expanding=True))
-
-# Stage-1 order on exactly the queries the given runs reranked (their union per candidate set).
-BASELINE_ON_RUN_QUERIES = text(
-    f"""
-SELECT q.candidate_set_id, cs.name, cs.k, COUNT(*) AS n_queries, {_recall_sql("p.rank")}
-FROM (SELECT DISTINCT r.candidate_set_id, rq.query_id
-        FROM run_queries rq JOIN runs r ON r.id = rq.run_id
-       WHERE rq.run_id IN :run_ids AND rq.done_at IS NOT NULL) q
-JOIN candidate_sets cs ON cs.id = q.candidate_set_id
-LEFT JOIN (SELECT c.candidate_set_id, c.query_id, c.rank
-             FROM candidates c
-             JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id AND g.relation = 'positive') p
-       ON p.candidate_set_id = q.candidate_set_id AND p.query_id = q.query_id
-GROUP BY q.candidate_set_id, cs.name, cs.k
-ORDER BY q.candidate_set_id
-"""
-).bindparams(bindparam("run_ids", expanding=True))
+def _rows(s: Session, stmt, **params: Any) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in s.execute(stmt, params)]
 
 
 def all_run_ids(s: Session) -> list[int]:
@@ -63,23 +34,30 @@ def existing_run_ids(s: Session, run_ids: Sequence[int]) -> set[int]:
     return set(s.scalars(stmt, {"ids": list(run_ids)}))
 
 
-def run_recall(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """One row per run (only runs with at least one finished query)."""
-    if not run_ids:
-        return []
-    return [dict(r._mapping) for r in s.execute(RUN_RECALL, {"run_ids": list(run_ids)})]
+# One row per (run, finished query): the positive's rank after reranking, and in stage 1 when
+# within the run's K (None: not there).
+RUN_QUERY_HITS = text(
+    "SELECT run_id, query_id, candidate_set_id, k, final_rank, stage1_rank FROM run_query_ranks"
+    " WHERE run_id IN :run_ids AND done = 1 ORDER BY run_id, query_id"
+).bindparams(bindparam("run_ids", expanding=True))
+
+# Per (candidate set, any of its queries): the positive's stage-1 rank among all its candidates.
+CANDIDATE_SET_QUERY_HITS = text(
+    """
+SELECT cq.candidate_set_id, cs.name AS candidates, cs.k, cq.query_id, p.rank AS stage1_rank
+  FROM (SELECT DISTINCT candidate_set_id, query_id FROM candidates WHERE candidate_set_id IN :ids) cq
+  JOIN candidate_sets cs ON cs.id = cq.candidate_set_id
+  LEFT JOIN positive_ranks p ON p.candidate_set_id = cq.candidate_set_id AND p.query_id = cq.query_id
+ ORDER BY cq.candidate_set_id, cq.query_id
+"""
+).bindparams(bindparam("ids", expanding=True))
+
+def run_query_hits(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
+    return _rows(s, RUN_QUERY_HITS, run_ids=list(run_ids)) if run_ids else []
 
 
-def baseline_on_run_queries(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    if not run_ids:
-        return []
-    return [dict(r._mapping) for r in s.execute(BASELINE_ON_RUN_QUERIES, {"run_ids": list(run_ids)})]
-
-
-def candidate_set_recall(s: Session, ids: Sequence[int]) -> list[dict[str, Any]]:
-    if not ids:
-        return []
-    return [dict(r._mapping) for r in s.execute(CANDIDATE_SET_RECALL, {"ids": list(ids)})]
+def candidate_set_query_hits(s: Session, ids: Sequence[int]) -> list[dict[str, Any]]:
+    return _rows(s, CANDIDATE_SET_QUERY_HITS, ids=list(ids)) if ids else []
 
 
 # Stage-1 retrieval runs over the whole gallery (view ``retrieval_recall``, migration 0003):
@@ -96,142 +74,13 @@ def retrieval_recall(
     candidate_set_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ranked retrieval run, optionally only these runs or those behind these candidate sets."""
-    rows = [dict(r._mapping) for r in s.execute(RETRIEVAL_RECALL)]
+    rows = _rows(s, RETRIEVAL_RECALL)
     if retrieval_run_ids is not None:
         rows = [r for r in rows if r["retrieval_run_id"] in set(retrieval_run_ids)]
     if candidate_set_ids is not None:
         rows = [r for r in rows if r["candidate_set_id"] in set(candidate_set_ids)]
     return rows
 
-
-def retrieval_report_rows(s: Session, candidate_set_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Retrieval runs as report rows (``strategy='retrieval'``), keys like the other rows' plus
-    ``recall@1%``, ``hit_rate`` and ``skipped_images``."""
-    return [
-        {
-            "run_id": None,
-            "candidate_set_id": r["candidate_set_id"],
-            "candidates": r["candidates"],
-            "strategy": "retrieval",
-            "prompt": None,
-            "judge": None,
-            "model": r["model"],
-            "n_queries": r["n_queries"],
-            **{f"recall@{k}": r.get(f"recall_at_{k}") for k in RECALL_KS},
-            "recall@1%": r["recall_at_1pct"],
-            "hit_rate": r["hit_rate"],
-            "skipped_images": r["skipped_images"],
-            "skipped_tiles": r["skipped_tiles"],
-            "skipped_queries": r["skipped_queries"],
-            "gallery": r["n_gallery"],
-            "one_percent_k": r["one_percent_k"],
-            "random_init": bool(r["random_init"]),
-            "retrieval_run": r["name"],
-            "retrieval_run_id": r["retrieval_run_id"],
-        }
-        for r in retrieval_recall(s, candidate_set_ids=candidate_set_ids)
-    ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Table 1 on the queries every reported run finished, per-query hits for confidence intervals,
-# cost, position bias and the inputs of the figures. Parameterised SQL only; every query reads
-# the stored rankings and judgments (through the ``run_query_ranks`` view where it can).
-
-# Per candidate set: the queries that every reported run of that set finished ("shared"), and
-# the stage-1 rank of each query's positive (NULL: not retrieved).
-_SHARED = """
-WITH finished AS (
-    SELECT r.candidate_set_id, rq.run_id, rq.query_id
-      FROM run_queries rq JOIN runs r ON r.id = rq.run_id
-     WHERE rq.run_id IN :run_ids AND rq.done_at IS NOT NULL
-),
-runs_per_set AS (
-    SELECT candidate_set_id, COUNT(DISTINCT run_id) AS n_runs FROM finished GROUP BY candidate_set_id
-),
-shared AS (
-    SELECT f.candidate_set_id, f.query_id
-      FROM finished f JOIN runs_per_set n ON n.candidate_set_id = f.candidate_set_id
-     GROUP BY f.candidate_set_id, f.query_id, n.n_runs
-    HAVING COUNT(*) = n.n_runs
-),
-positive_ranks AS (
-    SELECT c.candidate_set_id, c.query_id, c.rank
-      FROM candidates c
-      JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id AND g.relation = 'positive'
-)
-"""
-
-RUN_RECALL_SHARED = text(
-    _SHARED
-    + f"""
-SELECT q.run_id, r.candidate_set_id, cs.name AS candidates, r.strategy, r.prompt_name, r.judge, r.model,
-       r.k, r.status, r.n_queries AS n_planned, COUNT(*) AS n_queries, {_recall_sql("q.final_rank")}
-  FROM run_query_ranks q
-  JOIN shared s ON s.candidate_set_id = q.candidate_set_id AND s.query_id = q.query_id
-  JOIN runs r ON r.id = q.run_id
-  JOIN candidate_sets cs ON cs.id = r.candidate_set_id
- WHERE q.run_id IN :run_ids AND q.done = 1
- GROUP BY q.run_id, r.candidate_set_id, cs.name, r.strategy, r.prompt_name, r.judge, r.model, r.k, r.status,
-          r.n_queries
- ORDER BY q.run_id
-"""
-).bindparams(bindparam("run_ids", expanding=True))
-
-BASELINE_ON_SHARED = text(
-    _SHARED
-    + f"""
-SELECT s.candidate_set_id, cs.name, cs.k, COUNT(*) AS n_queries, {_recall_sql("p.rank")}
-  FROM shared s
-  JOIN candidate_sets cs ON cs.id = s.candidate_set_id
-  LEFT JOIN positive_ranks p ON p.candidate_set_id = s.candidate_set_id AND p.query_id = s.query_id
- GROUP BY s.candidate_set_id, cs.name, cs.k
- ORDER BY s.candidate_set_id
-"""
-).bindparams(bindparam("run_ids", expanding=True))
-
-# One row per (run, shared query): the positive's rank after reranking and in stage 1.
-RUN_QUERY_HITS = text(
-    _SHARED
-    + """
-SELECT q.run_id, q.query_id, q.final_rank, p.rank AS stage1_rank
-  FROM run_query_ranks q
-  JOIN shared s ON s.candidate_set_id = q.candidate_set_id AND s.query_id = q.query_id
-  LEFT JOIN positive_ranks p ON p.candidate_set_id = q.candidate_set_id AND p.query_id = q.query_id
- WHERE q.run_id IN :run_ids AND q.done = 1
- ORDER BY q.run_id, q.query_id
-"""
-).bindparams(bindparam("run_ids", expanding=True))
-
-BASELINE_QUERY_HITS = text(
-    _SHARED
-    + """
-SELECT s.candidate_set_id, s.query_id, p.rank AS stage1_rank
-  FROM shared s
-  LEFT JOIN positive_ranks p ON p.candidate_set_id = s.candidate_set_id AND p.query_id = s.query_id
- ORDER BY s.candidate_set_id, s.query_id
-"""
-).bindparams(bindparam("run_ids", expanding=True))
-
-CANDIDATE_SET_QUERY_HITS = text(
-    """
-SELECT cq.candidate_set_id, cq.query_id, p.rank AS stage1_rank
-  FROM (SELECT DISTINCT candidate_set_id, query_id FROM candidates WHERE candidate_set_id IN :ids) cq
-  LEFT JOIN (SELECT c.candidate_set_id, c.query_id, c.rank
-               FROM candidates c
-               JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id
-                                  AND g.relation = 'positive') p
-         ON p.candidate_set_id = cq.candidate_set_id AND p.query_id = cq.query_id
- ORDER BY cq.candidate_set_id, cq.query_id
-"""
-).bindparams(bindparam("ids", expanding=True))
-
-FINISHED_QUERIES = text(
-    "SELECT r.id AS run_id, r.candidate_set_id, cs.name AS candidates, COUNT(rq.done_at) AS n_finished"
-    " FROM runs r JOIN candidate_sets cs ON cs.id = r.candidate_set_id"
-    " LEFT JOIN run_queries rq ON rq.run_id = r.id"
-    " WHERE r.id IN :run_ids GROUP BY r.id, r.candidate_set_id, cs.name ORDER BY r.id"
-).bindparams(bindparam("run_ids", expanding=True))
 
 # Cost of a run over its finished queries: judgments asked (reused ones included), failed ones,
 # and the judge time the workers measured (reused judgments cost this run nothing).
@@ -288,8 +137,10 @@ SELECT v.run_id, r.candidate_set_id, cf.rank AS first_rank, cs.rank AS second_ra
                     AND cf.tile_id = v.tile_first
   JOIN candidates cs ON cs.candidate_set_id = r.candidate_set_id AND cs.query_id = v.query_id
                     AND cs.tile_id = v.tile_second
-  LEFT JOIN ground_truth gf ON gf.query_id = v.query_id AND gf.tile_id = v.tile_first AND gf.relation = 'positive'
-  LEFT JOIN ground_truth gs ON gs.query_id = v.query_id AND gs.tile_id = v.tile_second AND gs.relation = 'positive'
+  LEFT JOIN positive_ranks gf ON gf.candidate_set_id = r.candidate_set_id AND gf.query_id = v.query_id
+                             AND gf.tile_id = v.tile_first
+  LEFT JOIN positive_ranks gs ON gs.candidate_set_id = r.candidate_set_id AND gs.query_id = v.query_id
+                             AND gs.tile_id = v.tile_second
  WHERE v.run_id IN :run_ids AND v.status = 'done'
  GROUP BY v.run_id, r.candidate_set_id, cf.rank, cs.rank,
           CASE WHEN gf.tile_id IS NULL THEN 0 ELSE 1 END, CASE WHEN gs.tile_id IS NULL THEN 0 ELSE 1 END
@@ -300,31 +151,47 @@ SELECT v.run_id, r.candidate_set_id, cf.rank AS first_rank, cs.rank AS second_ra
 # Share of a candidate set's queries whose positive sits at each stage-1 rank.
 POSITIVE_RANK_SHARES = text(
     """
-SELECT c.candidate_set_id, c.rank,
+SELECT p.candidate_set_id, p.rank,
        CAST(COUNT(*) AS DOUBLE PRECISION)
-       / (SELECT COUNT(DISTINCT c2.query_id) FROM candidates c2 WHERE c2.candidate_set_id = c.candidate_set_id)
+       / (SELECT COUNT(DISTINCT c2.query_id) FROM candidates c2 WHERE c2.candidate_set_id = p.candidate_set_id)
        AS share
-  FROM candidates c
-  JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id AND g.relation = 'positive'
- WHERE c.candidate_set_id IN :ids
- GROUP BY c.candidate_set_id, c.rank
- ORDER BY c.candidate_set_id, c.rank
+  FROM positive_ranks p
+ WHERE p.candidate_set_id IN :ids
+ GROUP BY p.candidate_set_id, p.rank
+ ORDER BY p.candidate_set_id, p.rank
 """
 ).bindparams(bindparam("ids", expanding=True))
 
 POINTWISE_SCORES = text(
     """
-SELECT s.run_id, s.score, CASE WHEN g.tile_id IS NULL THEN 0 ELSE 1 END AS positive
+SELECT s.run_id, s.query_id, s.score, CASE WHEN p.tile_id IS NULL THEN 0 ELSE 1 END AS positive
   FROM pointwise_scores s
-  LEFT JOIN ground_truth g ON g.query_id = s.query_id AND g.tile_id = s.tile_id AND g.relation = 'positive'
+  JOIN runs r ON r.id = s.run_id
+  LEFT JOIN positive_ranks p ON p.candidate_set_id = r.candidate_set_id AND p.query_id = s.query_id
+                            AND p.tile_id = s.tile_id
  WHERE s.run_id IN :run_ids AND s.status = 'done' AND s.score IS NOT NULL
  ORDER BY s.run_id, s.id
 """
 ).bindparams(bindparam("run_ids", expanding=True))
 
+# Pairwise calibration: P(first) of each answered comparison with the positive shown first or
+# second (the only pairs whose better tile is known). Generated verdicts store no probability.
+PAIRWISE_PROBABILITIES = text(
+    """
+SELECT v.run_id, v.p_first, v.p_second, CASE WHEN p.tile_id = v.tile_first THEN 1 ELSE 0 END AS first_positive
+  FROM pairwise_verdicts v
+  JOIN runs r ON r.id = v.run_id
+  JOIN positive_ranks p ON p.candidate_set_id = r.candidate_set_id AND p.query_id = v.query_id
+                       AND p.tile_id IN (v.tile_first, v.tile_second)
+ WHERE v.run_id IN :run_ids AND v.status = 'done' AND v.p_first IS NOT NULL AND v.p_second IS NOT NULL
+ ORDER BY v.run_id, v.id
+"""
+).bindparams(bindparam("run_ids", expanding=True))
+
 RUNS = text(
     "SELECT r.id AS run_id, r.candidate_set_id, cs.name AS candidates, r.strategy, r.prompt_name, r.judge,"
-    " r.model, r.model_revision, r.prompt_sha256, r.k, r.status, r.params"
+    " r.model, r.model_revision, r.prompt_sha256, r.k, r.status, r.n_queries AS n_planned, r.batch_size, r.params,"
+    " (SELECT COUNT(rq.done_at) FROM run_queries rq WHERE rq.run_id = r.id) AS n_finished"
     " FROM runs r JOIN candidate_sets cs ON cs.id = r.candidate_set_id WHERE r.id IN :run_ids ORDER BY r.id"
 ).bindparams(bindparam("run_ids", expanding=True))
 
@@ -339,11 +206,7 @@ SELECT q.query_id, qu.name AS query, p.rank AS stage1_rank, q.final_rank,
   JOIN rankings top ON top.run_id = q.run_id AND top.query_id = q.query_id AND top.rank = 1
   LEFT JOIN candidates c1 ON c1.candidate_set_id = q.candidate_set_id AND c1.query_id = q.query_id
                          AND c1.tile_id = top.tile_id
-  LEFT JOIN (SELECT c.candidate_set_id, c.query_id, c.rank
-               FROM candidates c
-               JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id
-                                  AND g.relation = 'positive') p
-         ON p.candidate_set_id = q.candidate_set_id AND p.query_id = q.query_id
+  LEFT JOIN positive_ranks p ON p.candidate_set_id = q.candidate_set_id AND p.query_id = q.query_id
  WHERE q.run_id = :run_id AND q.done = 1
  ORDER BY q.query_id
 """
@@ -354,7 +217,8 @@ QUERY_IMAGES = text(
     " WHERE qu.id IN :query_ids"
 ).bindparams(bindparam("query_ids", expanding=True))
 
-# The first ``n_tiles`` stage-1 candidates of the queries, plus the reranker's top-1 wherever it sits.
+# The first ``n_tiles`` stage-1 candidates of the queries, plus the reranker's top-1 and the true
+# tile wherever they sit.
 CANDIDATE_IMAGES = text(
     """
 SELECT c.query_id, c.rank AS stage1_rank, c.tile_id, t.name, t.path,
@@ -363,47 +227,15 @@ SELECT c.query_id, c.rank AS stage1_rank, c.tile_id, t.name, t.path,
   FROM runs r
   JOIN candidates c ON c.candidate_set_id = r.candidate_set_id
   JOIN tiles t ON t.id = c.tile_id
-  LEFT JOIN ground_truth g ON g.query_id = c.query_id AND g.tile_id = c.tile_id AND g.relation = 'positive'
+  LEFT JOIN positive_ranks g ON g.candidate_set_id = r.candidate_set_id AND g.query_id = c.query_id
+                            AND g.tile_id = c.tile_id
   LEFT JOIN rankings top ON top.run_id = r.id AND top.query_id = c.query_id AND top.tile_id = c.tile_id
                         AND top.rank = 1
- WHERE r.id = :run_id AND c.query_id IN :query_ids AND (c.rank <= :n_tiles OR top.tile_id IS NOT NULL)
+ WHERE r.id = :run_id AND c.query_id IN :query_ids
+   AND (c.rank <= :n_tiles OR top.tile_id IS NOT NULL OR g.tile_id IS NOT NULL)
  ORDER BY c.query_id, c.rank
 """
 ).bindparams(bindparam("query_ids", expanding=True))
-
-
-def _rows(s: Session, stmt, **params: Any) -> list[dict[str, Any]]:
-    return [dict(r._mapping) for r in s.execute(stmt, params)]
-
-
-def run_recall_on_shared_queries(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Like ``run_recall``, but each run only on the queries every given run of its candidate set finished."""
-    return _rows(s, RUN_RECALL_SHARED, run_ids=list(run_ids)) if run_ids else []
-
-
-def baseline_on_shared_queries(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Stage-1 recall per candidate set on the queries every given run of that set finished."""
-    return _rows(s, BASELINE_ON_SHARED, run_ids=list(run_ids)) if run_ids else []
-
-
-def run_query_hits(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Per (run, shared query): ``final_rank`` and ``stage1_rank`` of the positive (None = missed)."""
-    return _rows(s, RUN_QUERY_HITS, run_ids=list(run_ids)) if run_ids else []
-
-
-def baseline_query_hits(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Per (candidate set, shared query): the positive's stage-1 rank."""
-    return _rows(s, BASELINE_QUERY_HITS, run_ids=list(run_ids)) if run_ids else []
-
-
-def candidate_set_query_hits(s: Session, ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Per (candidate set, any of its queries): the positive's stage-1 rank."""
-    return _rows(s, CANDIDATE_SET_QUERY_HITS, ids=list(ids)) if ids else []
-
-
-def finished_queries(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """Per run: its candidate set and how many of its queries have a ranking."""
-    return _rows(s, FINISHED_QUERIES, run_ids=list(run_ids)) if run_ids else []
 
 
 def run_cost(s: Session, run_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -461,3 +293,7 @@ def candidate_images(s: Session, run_id: int, query_ids: Sequence[int], n_tiles:
     if not query_ids:
         return []
     return _rows(s, CANDIDATE_IMAGES, run_id=run_id, query_ids=list(query_ids), n_tiles=n_tiles)
+
+
+def pairwise_probabilities(s: Session, run_ids: Sequence[int]) -> list[dict[str, Any]]:
+    return _rows(s, PAIRWISE_PROBABILITIES, run_ids=list(run_ids)) if run_ids else []

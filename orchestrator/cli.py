@@ -29,15 +29,8 @@ from orchestrator.coordinator import UnknownRun, advance
 from orchestrator.ingest import ingest as ingest_records
 from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_for_run
 from orchestrator.reconcile import reconcile
-from orchestrator.report import (
-    FORMATS,
-    ReportError,
-    build_report,
-    format_rows,
-    prepare_out_dir,
-    report_rows,
-    write_report_files,
-)
+from orchestrator.reporting.build import ReportError, build_report
+from orchestrator.reporting.render import FORMATS, format_report, prepare_out_dir, write_report_files
 from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
@@ -608,24 +601,20 @@ def resume(run_id: int, wait: bool, stale_after: float) -> None:
     )
 
 
-def _statistics_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--resamples / --seed / --confidence, shared by report and figures."""
+def _report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--common / --confidence, shared by report and figures."""
     fn = click.option(
         "--confidence",
         type=click.FloatRange(0, 1, min_open=True, max_open=True),
         default=0.95,
         show_default=True,
-        help="Level of the bootstrap intervals.",
-    )(fn)
-    fn = click.option(
-        "--seed", type=int, default=0, show_default=True, help="Seeds the bootstrap (same seed, same numbers)."
+        help="Level of every interval (Wilson for R@k, Newcombe for differences).",
     )(fn)
     return click.option(
-        "--resamples",
-        type=click.IntRange(min=100),
-        default=10_000,
-        show_default=True,
-        help="Bootstrap resamples over queries.",
+        "--common",
+        is_flag=True,
+        help="Restrict every row of a candidate set to the queries all of its listed runs finished "
+        "(default: each run on its own finished queries, against the baseline on those queries).",
     )(fn)
 
 
@@ -638,26 +627,20 @@ def _statistics_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Also write table1.txt/.md/.csv/.json into this folder.",
 )
-@_statistics_options
+@_report_options
 @user_errors
-def report(
-    run_ids: tuple[int, ...], fmt: str, out: Path | None, resamples: int, seed: int, confidence: float
-) -> None:
-    """Table 1: Recall@1/3/5/10 with bootstrap CIs, paired tests against the baseline, cost.
+def report(run_ids: tuple[int, ...], fmt: str, out: Path | None, common: bool, confidence: float) -> None:
+    """Table 1: Recall@1/3/5/10 per run and its stage-1 baseline, paired tests, calibration, cost.
 
-    Reads the SQL views over stored rankings and judgments. Runs of one candidate set are compared
-    on the queries all of them finished (the report says so when that drops queries).
+    No RUN_IDS: every run and candidate set stored. Each run is on the queries it finished,
+    against the baseline on those queries cut at the run's K; exact McNemar p-values with
+    Newcombe intervals, Holm-adjusted over the table. Example: orchestrator report 1 2 --format csv
     """
     if out is not None:
         prepare_out_dir(out)
     with sessions()() as s:
-        result = build_report(
-            s, list(run_ids) or None, n_resamples=resamples, confidence=confidence, seed=seed
-        )
-    click.echo(format_rows(result.rows, fmt, result.notes))
-    if fmt in ("csv", "json"):
-        for note in result.notes[1:]:
-            click.echo(f"note: {note}", err=True)
+        result = build_report(s, list(run_ids) or None, common=common, confidence=confidence)
+    click.echo(format_report(result, fmt))
     if out is not None:
         for path in write_report_files(result, out):
             click.echo(f"wrote {path}", err=True)
@@ -684,36 +667,29 @@ def report(
     multiple=True,
     help="Figure 5: show this query (file name; repeatable) instead of chosen examples.",
 )
-@_statistics_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds Figure 5's choice of examples.")
+@_report_options
 @user_errors
 def figures(
     run_ids: tuple[int, ...],
     out: Path,
     examples: int,
     query_names: tuple[str, ...],
-    resamples: int,
     seed: int,
+    common: bool,
     confidence: float,
 ) -> None:
-    """Figures 3-5 and the position-bias plot as PNG files, with index.html holding them and Table 1."""
-    from orchestrator.figures import write_figures
+    """Figures 3-5, calibration and position bias as PNG files, with index.html holding them and the report.
+
+    Example: orchestrator figures 1 2 --out results/
+    """
+    from orchestrator.reporting.figures import write_figures
 
     with sessions()() as s:
         # Validate the runs before creating anything on disk.
-        result = build_report(
-            s, list(run_ids) or None, n_resamples=resamples, confidence=confidence, seed=seed
-        )
+        result = build_report(s, list(run_ids) or None, common=common, confidence=confidence)
         prepare_out_dir(out)
-        written = write_figures(
-            s,
-            result,
-            out,
-            examples=examples,
-            query_names=list(query_names),
-            seed=seed,
-        )
-    for note in result.notes[1:]:
-        click.echo(f"note: {note}", err=True)
+        written = write_figures(s, result, out, examples=examples, query_names=list(query_names), seed=seed)
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -772,7 +748,7 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
             f"{step}/5 run {run_id}: {strategy} ({prompt}) with the simulated judge at accuracy {accuracy}"
         )
     with sf() as s:
-        click.echo("\n" + format_rows(report_rows(s, runs), "table"))
+        click.echo("\n" + format_report(build_report(s, runs), "table"))
     click.echo(f"\ndone in {time.perf_counter() - t0:.1f} s")
 
 

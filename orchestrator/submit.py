@@ -17,6 +17,7 @@ from workers.judges.registry import (
     check_model_folder,
     default_model,
     default_revision,
+    judge_option_defaults,
     load_judge,
 )
 from workers.judging import DECODE_MODES
@@ -131,9 +132,10 @@ def create_run(s: Session, spec: RunSpec) -> int:
         ).all()
     )
     query_ids = sample_queries(names, spec.n_queries, spec.seed)
-    judge_options = dict(spec.judge_options)
+    # Stored complete, defaults filled in, so a report can say what the judge ran with.
+    judge_options = {**judge_option_defaults(spec.judge), **spec.judge_options}
     if spec.judge == "simulated":
-        judge_options.setdefault("seed", spec.seed)
+        judge_options["seed"] = spec.judge_options.get("seed", spec.seed)
         load_judge(spec.judge, model, spec.revision, **judge_options)  # cheap: validates the options now
     run = Run(
         candidate_set_id=cs.id,

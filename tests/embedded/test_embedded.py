@@ -46,15 +46,16 @@ def test_submit_runs_to_completion_in_process_and_reports_json(embedded):
     run_id = int(result.stdout.split()[-1])
     status = run("status", str(run_id)).output
     assert "done" in status and "24/24" in status
-    rows = json.loads(run("report", "--format", "json").stdout)
-    assert [r["strategy"] for r in rows] == ["baseline", "pairwise"]
+    report = json.loads(run("report", "--format", "json").stdout)
+    (base,), (row,) = report["baselines"], report["runs"]
+    assert (row["run_id"], row["k"], row["n_queries"], base["k"]) == (run_id, 10, 24, 10)
     # A perfect judge puts every retrieved positive first.
     db = sqlite3.connect(embedded / "cvgl.sqlite3")
     in_top_k = db.execute(
         "SELECT COUNT(*) FROM run_query_ranks WHERE run_id = ? AND stage1_rank IS NOT NULL", (run_id,)
     ).fetchone()[0]
-    assert rows[1]["recall@1"] == pytest.approx(100.0 * in_top_k / 24)
-    assert rows[1]["run_id"] == run_id and rows[0]["run_id"] is None
+    assert row["recall"][0]["k"] == 1 and row["recall"][0]["value"] == pytest.approx(100.0 * in_top_k / 24)
+    assert base["recall"][3]["k"] == 10 and base["recall"][3]["value"] == pytest.approx(100.0 * in_top_k / 24)
 
 
 def _snapshot(path) -> dict[str, int]:

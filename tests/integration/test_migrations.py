@@ -21,7 +21,7 @@ def _assert_no_drift(url: str) -> None:
         assert diff == [], f"models and migrations disagree: {diff}"
         views = set(inspect(conn).get_view_names())
     engine.dispose()
-    assert {"run_query_ranks", "run_recall", "candidate_set_recall"} <= views
+    assert {"positive_ranks", "run_query_ranks", "run_recall", "candidate_set_recall"} <= views
 
 
 def _down_and_up(url: str) -> None:

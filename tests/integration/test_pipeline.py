@@ -51,24 +51,15 @@ def test_pairwise_and_pointwise_runs_through_workers(stack_env, dataset, pg_url,
             "--wait",
         ).stdout.split()[-1]
     )
-    rows = json.loads(cli(stack_env, "report", "--format", "json").stdout)
-
-    by_strategy = {r["strategy"]: r for r in rows}
+    report = json.loads(cli(stack_env, "report", "--format", "json").stdout)
+    (base,) = report["baselines"]  # both runs finished the same 40 queries at K=20: one query set
+    by_strategy = {"baseline": base, **{r["strategy"]: r for r in report["runs"]}}
     assert set(by_strategy) == {"baseline", "pairwise", "pointwise"}
-    for r in rows:
-        assert {
-            "run_id",
-            "strategy",
-            "prompt",
-            "judge",
-            "model",
-            "n_queries",
-            "recall@1",
-            "recall@3",
-            "recall@5",
-            "recall@10",
-        } <= set(r)
-        assert r["n_queries"] == 40
+    assert {r["query_set"] for r in by_strategy.values()} == {"Q1"}
+    for r in by_strategy.values():
+        assert r["n_queries"] == 40 and r["k"] == 20
+        assert [x["k"] for x in r["recall"]] == [1, 3, 5, 10]
+    recall = {name: {x["k"]: x["value"] for x in r["recall"]} for name, r in by_strategy.items()}
 
     # Independent evaluator: orders and positives read from the files and the rankings table.
     positives = positives_from_files(dataset)
@@ -94,14 +85,13 @@ def test_pairwise_and_pointwise_runs_through_workers(stack_env, dataset, pg_url,
     engine.dispose()
 
     for k in (1, 3, 5, 10):
-        assert by_strategy["baseline"][f"recall@{k}"] == pytest.approx(recall_at(stage1, positives, k))
-        assert by_strategy["pairwise"][f"recall@{k}"] == pytest.approx(recall_at(ranked[pair], positives, k))
-        assert by_strategy["pointwise"][f"recall@{k}"] == pytest.approx(
-            recall_at(ranked[point], positives, k)
-        )
-        assert view[pair]._mapping[f"recall_at_{k}"] == pytest.approx(by_strategy["pairwise"][f"recall@{k}"])
+        assert recall["baseline"][k] == pytest.approx(recall_at(stage1, positives, k))
+        assert recall["pairwise"][k] == pytest.approx(recall_at(ranked[pair], positives, k))
+        assert recall["pointwise"][k] == pytest.approx(recall_at(ranked[point], positives, k))
+        assert view[pair]._mapping[f"recall_at_{k}"] == pytest.approx(recall["pairwise"][k])
+        assert view[pair]._mapping[f"baseline_recall_at_{k}"] == pytest.approx(recall["baseline"][k])
     # A perfect judge puts the positive first whenever stage 1 retrieved it (R@20 of the data).
-    assert by_strategy["pairwise"]["recall@1"] == pytest.approx(recall_at(stage1, positives, 20))
+    assert recall["pairwise"][1] == pytest.approx(recall_at(stage1, positives, 20))
     assert dict(verdicts).keys() == {"done"}
     assert scores == 40 * 20
     # Every stored verdict carries its provenance.

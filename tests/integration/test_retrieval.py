@@ -21,7 +21,6 @@ import torch
 from sqlalchemy import create_engine, select, text
 
 from db.models import Candidate, CandidateSet, EmbeddingShard, GroundTruth, Query, RetrievalRun, SkippedImage
-from orchestrator.report import format_rows
 from tests.builders import synthetic_dataset
 from tests.integration.conftest import REPO, cli
 from workers.retrieval.encoder import build_model
@@ -148,19 +147,18 @@ def test_retrieve_through_workers_matches_numpy_and_feeds_submit(stack_env, pg_u
         cli(stack_env, "submit", "--candidates", "s4g-ret", "--queries", "5", "--wait").stdout.split()[-1]
     )
     report = json.loads(cli(stack_env, "report", "--format", "json").stdout)
-    assert {r["strategy"] for r in report} == {"baseline", "pairwise", "retrieval"}
-    assert [r["run_id"] for r in report if r["strategy"] == "pairwise"] == [run_id]
-    (row,) = [r for r in report if r["strategy"] == "retrieval"]
+    assert [r["run_id"] for r in report["runs"]] == [run_id]
+    (row,) = report["retrieval"]
     assert row["candidates"] == "s4g-ret" and row["n_queries"] == 23 and row["gallery"] == run.n_tiles - 1
     assert row["skipped_images"] == 2 and row["skipped_tiles"] == 1 and row["skipped_queries"] == 1
-    assert row["random_init"] is False and row["retrieval_run"] == "s4g-ret"
+    assert row["random_init"] is False and row["name"] == "s4g-ret"
     for key, value in expected.items():
-        assert row[key] == pytest.approx(value), key
+        assert (row["hit_rate"] if key == "hit_rate" else row["recall"][key]) == pytest.approx(value), key
     # Whole-gallery R@k equals the candidate set's baseline R@k: the same ranks, cut at K.
     for k in (1, 5, 10):
-        assert baseline[f"recall_at_{k}"] == pytest.approx(row[f"recall@{k}"])
-    table = format_rows(report, "table")
-    assert "retrieval (whole gallery)" in table and "R@1%" in table and "hit rate" in table
+        assert baseline[f"recall_at_{k}"] == pytest.approx(row["recall"][f"recall@{k}"])
+    table = cli(stack_env, "report").stdout
+    assert "Stage-1 retrieval over the whole gallery" in table and "R@1%" in table and "hit rate" in table
     engine.dispose()
 
 
@@ -274,5 +272,5 @@ def test_embedded_default_runs_retrieval_in_process(dataset, tmp_path):
     ]
     cli(env, "submit", "--candidates", "local", "--queries", "3", "--strategy", "pointwise")
     report = json.loads(cli(env, "report", "--format", "json").stdout)
-    (row,) = [r for r in report if r["strategy"] == "retrieval"]
+    (row,) = report["retrieval"]
     assert row["random_init"] is True and row["n_queries"] == 40 and row["gallery"] == 162

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ def judge_class(name: str) -> type:
     check_judge_name(name)
     module, _, cls = JUDGES[name][0].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def judge_option_defaults(name: str) -> dict[str, Any]:
+    """The options a run may give judge ``name``, with their defaults (stored complete on the run).
+
+    Only the simulated judge takes run options; a VLM judge's settings belong to its worker
+    (device, dtype, caches), so its class is not imported here (that would load torch)."""
+    if name != "simulated":
+        return {}
+    params = inspect.signature(judge_class(name).__init__).parameters.values()
+    return {
+        p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for p in params
+        if p.kind is p.KEYWORD_ONLY
+    }
 
 
 def load_judge(name: str, model: str, revision: str | None = None, **options: Any) -> Judge:
