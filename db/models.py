@@ -151,6 +151,25 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class DerivedRun(Base):
+    """A run ``orchestrator calibrate`` derived from a parent's stored rows (its own table, not a
+    column of ``runs``: SQLite would rebuild ``runs`` to add one, cascading into its children)."""
+
+    __tablename__ = "derived_runs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    parent_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    method: Mapped[str] = mapped_column(String(16))
+
+
+class FitQuery(Base):
+    """The dev queries a derived run was fitted on; the run itself holds (and is reported on) only
+    the other queries of its parent, so the two sets are disjoint by construction."""
+
+    __tablename__ = "fit_queries"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"), primary_key=True)
+
+
 class RunQuery(Base):
     """The queries a run reranks; ``done_at`` is set when its ranking is written."""
 

@@ -24,8 +24,10 @@ from db.engine import DATABASE_URL_ENV, database_url, is_sqlite, session_factory
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.models import Run
 from orchestrator import vigor
+from orchestrator.calibrate import check_method
 from orchestrator.candidates import CandidateFileError, import_candidates
 from orchestrator.coordinator import UnknownRun, advance
+from orchestrator.derived_runs import PARAMETER_NAMES, calibrate_run
 from orchestrator.ingest import ingest as ingest_records
 from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_for_run
 from orchestrator.reconcile import reconcile
@@ -419,6 +421,13 @@ def retrieve(
     "0: all at once.",
 )
 @click.option("--wait/--no-wait", default=False, help="Show progress until the run is done.")
+@click.option(
+    "--then-calibrate",
+    "then_calibrate",
+    default=None,
+    metavar="fuse|gate",
+    help="When the run is done, derive a calibrated run from it (orchestrator calibrate; implies --wait).",
+)
 @user_errors
 def submit(
     strategy: str,
@@ -446,8 +455,11 @@ def submit(
     queue: str | None,
     max_open_queries: int | None,
     wait: bool,
+    then_calibrate: str | None,
 ) -> None:
     """Create a rerank run and enqueue its judgments; prints the run id."""
+    if then_calibrate is not None:
+        check_method(then_calibrate)  # before anything is stored
     options = {
         name: v
         for name, v in (
@@ -490,8 +502,51 @@ def submit(
         reuse=reuse,
         max_open_queries=max_open_queries,
     )
-    run_id = _submit(sessions(), spec, wait)
+    run_id = _submit(sessions(), spec, wait or then_calibrate is not None)
     click.echo(run_id)
+    if then_calibrate is not None:
+        _calibrate(run_id, then_calibrate, DEFAULT_DEV_SHARE, seed)
+
+
+DEFAULT_DEV_SHARE = 0.3
+
+
+def _calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
+    sf = sessions()
+    with sf.begin() as s:
+        derived = calibrate_run(s, run_id, method, dev_share, seed)
+    with sf() as s:
+        result = build_report(s, [run_id, derived], common=True)
+    fitted = result.run(derived).strategy_options
+    name = PARAMETER_NAMES[method]
+    click.echo(
+        f"run {derived}: {method} of run {run_id}, {name} {fitted[name]} fitted on {fitted['dev_queries']} dev "
+        f"queries; run {run_id} and run {derived} on the other {result.run(derived).n_queries} (test) queries:\n"
+    )
+    click.echo(format_report(result, "table"))
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--method", required=True, metavar="fuse|gate", help="fuse: weigh the judge against stage 1; "
+              "gate: move a candidate to first place only when the judge is confident.")  # fmt: skip
+@click.option(
+    "--dev-share",
+    type=float,
+    default=DEFAULT_DEV_SHARE,
+    show_default=True,
+    help="Share of the run's queries the weight or threshold is fitted on (chosen by query name).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of dev queries.")
+@user_errors
+def calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
+    """Derive a run from RUN_ID's stored judgments and the stage-1 order, asking no worker anything.
+
+    Fitted on a seeded share of the queries (dev), reported on the rest (test) beside RUN_ID and the
+    stage-1 baseline on those same queries; a judge that hurts on dev is switched off.
+    Example: orchestrator calibrate 3 --method fuse
+    """
+    _calibrate(run_id, method, dev_share, seed)
 
 
 def _submit(sf: sessionmaker[Session], spec: RunSpec, wait: bool) -> int:

@@ -37,6 +37,8 @@ def reconcile(
         info = run_info(s, run_id)
         if info is None:
             raise UnknownRun(f"run {run_id} does not exist")
+        if info.status == "done":  # nothing pending (and a derived run has no strategy to replay)
+            return Reconciled(run_done=True)
         kind = strategy_for(info).kind
         cutoff = None if stale_after is None else now() - timedelta(seconds=stale_after)
         rows = stale_pending(s, run_id, kind, cutoff)

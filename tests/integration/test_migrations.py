@@ -8,6 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
+from db.engine import get_engine
 from db.migrate import alembic_config, head_revision, upgrade_to_head
 from db.models import Base
 
@@ -52,3 +53,40 @@ def test_postgresql_migrates_to_head_without_drift_and_back(pg_url):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
     engine.dispose()
+
+
+def test_sqlite_keeps_every_row_when_migrating_a_populated_database(tmp_path):
+    # SQLite rebuilds a table to alter it, and dropping the old copy fires ON DELETE CASCADE in
+    # its children: a migration that rebuilt ``runs`` once emptied run_queries and rankings.
+    url = f"sqlite:///{tmp_path / 'm.sqlite3'}"
+    cfg = alembic_config()
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO datasets (id, root, name, created_at) VALUES (1, '/d', 'd', '2026-01-01')")
+        conn.exec_driver_sql(
+            "INSERT INTO tiles (id, dataset_id, city, name, path, lat, lon) VALUES (1, 1, 'X', 't', 't', 0, 0)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO queries (id, dataset_id, city, name, panoid, path, lat, lon)"
+            " VALUES (1, 1, 'X', 'q', 'p', 'q', 0, 0)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO candidate_sets (id, name, dataset_id, k, source, details, created_at)"
+            " VALUES (1, 'c', 1, 1, 'import', '{}', '2026-01-01')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO runs (id, candidate_set_id, strategy, prompt_name, prompt_sha256, judge, model,"
+            " model_revision, queue, seed, k, n_queries, batch_size, max_attempts, params, status, created_at)"
+            " VALUES (1, 1, 'pairwise', 'pairwise', 'x', 'simulated', 's', 'v', 'q', 0, 1, 1, 1, 1, '{}',"
+            " 'done', '2026-01-01')"
+        )
+        conn.exec_driver_sql("INSERT INTO run_queries (run_id, query_id, done_at) VALUES (1, 1, '2026-01-01')")
+        conn.exec_driver_sql("INSERT INTO rankings (run_id, query_id, rank, tile_id) VALUES (1, 1, 1, 1)")
+    upgrade_to_head(url)
+    with engine.connect() as conn:
+        counts = [conn.exec_driver_sql(f"SELECT COUNT(*) FROM {t}").scalar() for t in ("runs", "run_queries", "rankings")]
+    engine.dispose()
+    assert counts == [1, 1, 1]
