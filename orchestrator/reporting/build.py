@@ -34,6 +34,7 @@ from orchestrator.reporting.rows import (
     RetrievalRow,
     RunRow,
 )
+from workers.prompts import SPECS
 
 Ranks = dict[int, tuple[int | None, int | None]]  # query id -> (final rank, stage-1 rank within K)
 
@@ -124,7 +125,8 @@ def judge_settings(m: dict[str, Any]) -> dict[str, Any]:
     at submit), the batch size and, for pairwise prompts, the decode mode."""
     params = m["params"]
     out = dict(params.get("judge_options", {}))
-    if m["strategy"] != "pointwise" and "decode" in params:
+    spec = SPECS.get(m["prompt_name"])
+    if spec is not None and spec.kind == "pairwise" and "decode" in params:
         out["decode"] = params["decode"]
     out["batch_size"] = m["batch_size"]
     return out
