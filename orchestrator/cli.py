@@ -326,12 +326,18 @@ def retrieve(
 
 
 @cli.command()
-@click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default="pairwise", show_default=True)
+@click.option(
+    "--strategy",
+    default="pairwise",
+    show_default=True,
+    metavar="NAME",
+    help=f"One of: {', '.join(STRATEGY_NAMES)}.",
+)
 @click.option(
     "--prompt",
-    type=click.Choice(PROMPT_NAMES),
     default=None,
-    help="Default: pairwise, or yesno for pointwise.",
+    metavar="NAME",
+    help=f"One of: {', '.join(PROMPT_NAMES)} (default: pairwise, or yesno for pointwise).",
 )
 @click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}.")
 @click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's).")
@@ -347,7 +353,7 @@ def retrieve(
     "--accuracy",
     type=click.FloatRange(0, 1),
     default=None,
-    help="Simulated judge: probability of a right answer.",
+    help="Simulated judge: probability of a right answer (default 0.8; the demo uses 0.95).",
 )
 @click.option(
     "--position-bias",
@@ -805,6 +811,10 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     with sf() as s:
         click.echo("\n" + format_report(build_report(s, runs), "table"))
     click.echo(f"\ndone in {time.perf_counter() - t0:.1f} s")
+    click.echo(
+        f"see these results again: CVGL_DATABASE_URL={_safe_url()} orchestrator report "
+        f"(or: orchestrator figures --out results/ with the same variable)"
+    )
 
 
 def worker_argv(

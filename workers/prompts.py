@@ -8,6 +8,7 @@ the quotes around a placeholder belong to the placeholder. Pure: no model, no I/
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def prompt_sha256(text: str) -> str:
 def load_prompt(name: str) -> Prompt:
     """Load and validate a prompt by name; raises ``KeyError`` with the known names."""
     if name not in SPECS:
-        raise KeyError(f"Unknown prompt {name!r}; choose one of: {', '.join(PROMPT_NAMES)}")
+        close = difflib.get_close_matches(name, PROMPT_NAMES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"Unknown prompt {name!r}.{hint} Known prompts: {', '.join(PROMPT_NAMES)}")
     spec = SPECS[name]
     text = resources.files("workers").joinpath("prompts", f"{name}.txt").read_text("utf-8").rstrip("\n")
     expected = PAIRWISE_SLOTS if spec.kind == "pairwise" else POINTWISE_SLOTS

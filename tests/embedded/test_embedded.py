@@ -112,8 +112,10 @@ def _bad_candidates(root, kind: str) -> str:
     ("args", "message"),
     [
         (["ingest", "missing-dir"], "does not exist"),
-        (["submit", "--strategy", "quicksort"], "Invalid value for '--strategy'"),
-        (["submit", "--prompt", "haiku"], "Invalid value for '--prompt'"),
+        (["submit", "--strategy", "quicksort"], "Unknown strategy 'quicksort'."),
+        (["submit", "--strategy", "pairwse"], "Unknown strategy 'pairwse'. Did you mean 'pairwise'?"),
+        (["submit", "--prompt", "haiku"], "Unknown prompt 'haiku'."),
+        (["submit", "--prompt", "likrt"], "Unknown prompt 'likrt'. Did you mean 'likert'?"),
         (["submit", "--judge", "simulatd"], "Unknown judge 'simulatd'. Did you mean 'simulated'?"),
         (["submit", "--candidates", "nope"], "no candidate set named 'nope'"),
         (["submit", "--strategy", "pointwise", "--prompt", "pairwise"], "strategy 'pointwise' needs a pointwise prompt"),
@@ -131,8 +133,8 @@ def test_bad_input_is_a_one_line_error_and_changes_nothing(stored, args, message
     args = [_bad_candidates(stored, a.split(":")[1]) if a.startswith("BAD:") else a for a in args]
     before = _snapshot(stored / "cvgl.sqlite3")
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code in (1, 2), result.output
-    assert message in result.output
+    assert result.exit_code == 1, result.output  # one line, not a usage block (exit 2)
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
     assert _snapshot(stored / "cvgl.sqlite3") == before
 
