@@ -8,15 +8,17 @@ command reads the files of its children.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutdown
 from celery.worker.control import inspect_command
 
 MAIN_PID_ENV = "CVGL_WORKER_MAIN_PID"
@@ -28,6 +30,12 @@ _served = 0
 def _remember_main_pid(**_kwargs: Any) -> None:
     """Runs in the main worker process before the pool forks; children inherit the variable."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
+
+
+@worker_shutdown.connect
+def _remove_status_dir(**_kwargs: Any) -> None:
+    """A cleanly stopped worker leaves no folder behind (its children have exited by now)."""
+    shutil.rmtree(status_dir(os.getpid()), ignore_errors=True)
 
 
 def status_dir(main_pid: int | None = None) -> Path:
@@ -58,6 +66,9 @@ def record_served(n: int, judges: list[dict[str, str]]) -> None:
         status = {"pid": os.getpid(), "judges": judges, "judgments_served": _served, "gpu": gpu_memory()}
     folder = status_dir()
     try:
+        if not folder.exists() and MAIN_PID_ENV not in os.environ:
+            # No Celery worker around this process (the embedded runner): it owns the folder.
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{os.getpid()}.json.tmp"
         tmp.write_text(json.dumps(status))
