@@ -101,7 +101,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@cli.command()
+@cli.command(short_help="Bring the schema to the newest migration.")
 @user_errors
 def migrate() -> None:
     """Bring the database schema to the newest Alembic migration."""
@@ -109,7 +109,7 @@ def migrate() -> None:
     click.echo(f"database at head: {_safe_url()}")
 
 
-@cli.command()
+@cli.command(short_help="Write a synthetic dataset in the VIGOR layout.")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--queries",
@@ -166,7 +166,7 @@ def synth(
     )
 
 
-@cli.command()
+@cli.command(short_help="Read a VIGOR dataset into the database.")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(vigor.SPLITS), default="cross-area", show_default=True)
 @click.option("--cities", default=None, help="Comma-separated cities (default: the split's test cities).")
@@ -184,7 +184,7 @@ def ingest(directory: Path, split: str, cities: str | None) -> None:
         click.echo(f"warning: {out.missing_images} image files listed in the splits are missing", err=True)
 
 
-@cli.command("import-candidates")
+@cli.command("import-candidates", short_help="Store precomputed top-K candidates from a CSV.")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Name of the candidate set (a stage-1 retrieval run).")
 @click.option(
@@ -201,7 +201,7 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Stage 1: rank the gallery with Sample4Geo.")
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -325,7 +325,7 @@ def retrieve(
     click.echo("\n".join(lines))
 
 
-@cli.command()
+@cli.command(short_help="Create a rerank run; prints its id.")
 @click.option(
     "--strategy",
     default="pairwise",
@@ -532,7 +532,7 @@ def _calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
     click.echo(format_report(result, "table"))
 
 
-@cli.command()
+@cli.command(short_help="Derive a run that does no harm from a run's judgments.")
 @click.argument("run_id", type=int)
 @click.option("--method", required=True, metavar="fuse|gate", help="fuse: weigh the judge against stage 1; "
               "gate: move a candidate to first place only when the judge is confident.")  # fmt: skip
@@ -600,7 +600,7 @@ def _stall_seconds() -> float:
     return float(os.environ.get("CVGL_STALL_SECONDS", "60"))
 
 
-@cli.command()
+@cli.command(short_help="Progress of one run, or of every run.")
 @click.argument("run_id", type=int, required=False)
 @user_errors
 def status(run_id: int | None) -> None:
@@ -632,7 +632,7 @@ def status(run_id: int | None) -> None:
         )
 
 
-@cli.command()
+@cli.command(short_help="Rebuild a run's queue from the database; continue it.")
 @click.argument("run_id", type=int)
 @click.option("--wait/--no-wait", default=False, help="Show progress until the run is done.")
 @click.option(
@@ -679,7 +679,7 @@ def _report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-@cli.command()
+@cli.command(short_help="Table 1, paired tests, calibration and cost.")
 @click.argument("run_ids", type=int, nargs=-1)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
@@ -707,7 +707,7 @@ def report(run_ids: tuple[int, ...], fmt: str, out: Path | None, common: bool, c
             click.echo(f"wrote {path}", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Write the figures and index.html.")
 @click.argument("run_ids", type=int, nargs=-1)
 @click.option(
     "--out",
@@ -755,7 +755,7 @@ def figures(
         click.echo(f"wrote {path}")
 
 
-@cli.command()
+@cli.command(short_help="Run the whole pipeline on synthetic data.")
 @click.option(
     "--dir",
     "directory",
@@ -836,7 +836,7 @@ def worker_argv(
             "-c", str(concurrency), "-n", node, "-E", "--loglevel", loglevel]
 
 
-@cli.command()
+@cli.command(short_help="Start a judgment worker for one model.")
 @click.option("--model", default="simulated", show_default=True, help="Hub id or folder; the queue is vlm.<model>.")
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPU index: sets CUDA_VISIBLE_DEVICES.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Pool processes (1 per GPU).")
@@ -866,7 +866,7 @@ def worker(
     os.execvp(argv[0], argv)
 
 
-@cli.command()
+@cli.command(short_help="Start the coordination worker.")
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),

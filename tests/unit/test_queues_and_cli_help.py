@@ -34,10 +34,16 @@ def test_slug_refuses_an_empty_name():
 
 def test_every_command_has_help():
     runner = CliRunner()
-    for name in cli.commands:
-        result = runner.invoke(cli, [name, "--help"])
+    overview = runner.invoke(cli, ["--help"], terminal_width=80).output
+    for name, command in cli.commands.items():
+        # A whole summary in the overview (not cut with "..."), and the command's own text.
+        assert command.short_help and not command.short_help.endswith("..."), name
+        assert f"{name}  " in overview and command.short_help in overview, (name, overview)
+        assert command.help and len(command.help.split()) >= 5, name
+        result = runner.invoke(cli, [name, "--help"], terminal_width=100)
         assert result.exit_code == 0, result.output
-        assert "Usage:" in result.output
+        first_line = " ".join(command.help.split("\n\n")[0].split())
+        assert first_line in " ".join(result.output.split()), (name, result.output)
 
 
 def test_commands_named_in_the_readme_exist():
