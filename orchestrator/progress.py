@@ -142,7 +142,8 @@ def follow(
                 if bar is None:
                     bar = tqdm(total=state.total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
                 bar.update(state.done - bar.n)
-                bar.set_postfix(**state.postfix)
+                # As text: tqdm prints the number 10000 as 1e+4.
+                bar.set_postfix({k: str(v) for k, v in state.postfix.items()})
                 if state.label:
                     bar.set_description(state.label)
             if finished(p):
