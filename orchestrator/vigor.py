@@ -139,7 +139,13 @@ def read_vigor(root: str | Path, split: str = "cross-area", cities: Sequence[str
         label_path = split_dir / labels_name
         for f in (sat_list, label_path):
             if not f.is_file():
-                raise VigorFormatError(f"{f} is missing (expected the VIGOR layout under {root})")
+                present = sorted(d.name for d in (root / "splits").glob("*") if (d / labels_name).is_file())
+                hint = (
+                    f"; this dataset has {', '.join(present)}: pass --cities {','.join(present)}"
+                    if present and city not in present
+                    else ""
+                )
+                raise VigorFormatError(f"{f} is missing (expected the VIGOR layout under {root}){hint}")
         city_tiles: set[str] = set()
         for lineno, line in enumerate(sat_list.read_text().splitlines(), start=1):
             name = line.strip()

@@ -160,3 +160,11 @@ def test_reimporting_the_same_candidates_changes_nothing(stored):
     assert result.exit_code == 0 and "already stored" in result.output
     assert _snapshot(stored / "cvgl.sqlite3") == before
     assert os.path.exists(stored / "cvgl.sqlite3")
+
+
+def test_ingest_of_another_citys_dataset_names_the_cities_to_pass(embedded):
+    assert run("synth", "one", "--queries", "8", "--cities", "Chicago").exit_code == 0
+    result = run("ingest", "one")
+    assert result.exit_code == 1
+    assert "this dataset has Chicago: pass --cities Chicago" in result.output
+    assert run("ingest", "one", "--cities", "Chicago").exit_code == 0
