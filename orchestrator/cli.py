@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,7 +37,7 @@ from orchestrator.reporting.render import FORMATS, format_report, prepare_out_di
 from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
-from workers.app import is_embedded
+from workers.app import broker_url, is_embedded
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
 from workers.queues import COORDINATION_QUEUE, model_slug, queue_for, run_queues, vlm_shards, worker_queues
@@ -70,7 +71,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise click.ClickException(str(msg)) from exc
         except OperationalError as exc:
-            raise click.ClickException(f"database error: {exc.orig or exc}") from exc
+            reason = " ".join(str(exc.orig or exc).split())
+            raise click.ClickException(f"cannot reach the database at {_safe_url()}: {reason}") from exc
 
     return wrapper
 
@@ -556,10 +558,35 @@ def calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
 
 
 def _submit(sf: sessionmaker[Session], spec: RunSpec, wait: bool) -> int:
+    if not is_embedded():
+        _check_broker()  # before anything is stored
     with sf.begin() as s:
         run_id = create_run(s, spec)
-    _drive(sf, run_id, wait, start=lambda: advance(run_id, sessions=sf))
+    try:
+        _drive(sf, run_id, wait, start=lambda: advance(run_id, sessions=sf))
+    except KombuOperationalError as exc:  # the broker went away after the check
+        raise click.ClickException(
+            f"{_broker_unreachable(exc)}; run {run_id} is stored and waits: `orchestrator resume {run_id}` "
+            "once the broker is up"
+        ) from exc
     return run_id
+
+
+def _check_broker() -> None:
+    from workers.app import app
+
+    try:
+        with app.connection_for_write(broker_url()) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+    except (KombuOperationalError, OSError) as exc:
+        raise click.ClickException(
+            f"{_broker_unreachable(exc)}; start it (README: services) or unset CVGL_BROKER_URL to run in "
+            "this process"
+        ) from exc
+
+
+def _broker_unreachable(exc: BaseException) -> str:
+    return f"cannot reach the broker at {_hide_password(broker_url())}: {' '.join(str(exc).split())}"
 
 
 def _drive(
@@ -897,10 +924,13 @@ def _split(value: str) -> list[str]:
 
 
 def _safe_url() -> str:
-    url = database_url()
-    if "@" in url:  # hide the password
+    return _hide_password(database_url())
+
+
+def _hide_password(url: str) -> str:
+    if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
 
 

@@ -168,3 +168,19 @@ def test_ingest_of_another_citys_dataset_names_the_cities_to_pass(embedded):
     assert result.exit_code == 1
     assert "this dataset has Chicago: pass --cities Chicago" in result.output
     assert run("ingest", "one", "--cities", "Chicago").exit_code == 0
+
+
+def test_submit_with_the_broker_or_database_down_is_one_line_and_stores_nothing(stored, monkeypatch):
+    before = _snapshot(stored / "cvgl.sqlite3")
+    monkeypatch.setenv("CVGL_BROKER_URL", "redis://:secret@127.0.0.1:1/0")  # nothing listens on port 1
+    result = CliRunner().invoke(cli, ["submit"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot reach the broker at redis://***@127.0.0.1:1/0" in result.output
+    assert "secret" not in result.output and "Traceback" not in result.output
+    assert _snapshot(stored / "cvgl.sqlite3") == before  # no run was created
+    monkeypatch.delenv("CVGL_BROKER_URL")
+    monkeypatch.setenv("CVGL_DATABASE_URL", "postgresql+psycopg://me:secret@127.0.0.1:1/cvgl")
+    result = CliRunner().invoke(cli, ["submit"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot reach the database at postgresql+psycopg://***@127.0.0.1:1/cvgl" in result.output
+    assert "secret" not in result.output
