@@ -72,7 +72,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(msg)) from exc
         except OperationalError as exc:
             reason = " ".join(str(exc.orig or exc).split())
-            raise click.ClickException(f"cannot reach the database at {_safe_url()}: {reason}") from exc
+            raise click.ClickException(f"database error at {_safe_url()}: {reason}") from exc
 
     return wrapper
 

@@ -182,5 +182,5 @@ def test_submit_with_the_broker_or_database_down_is_one_line_and_stores_nothing(
     monkeypatch.setenv("CVGL_DATABASE_URL", "postgresql+psycopg://me:secret@127.0.0.1:1/cvgl")
     result = CliRunner().invoke(cli, ["submit"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
-    assert "cannot reach the database at postgresql+psycopg://***@127.0.0.1:1/cvgl" in result.output
+    assert "database error at postgresql+psycopg://***@127.0.0.1:1/cvgl: connection failed" in result.output
     assert "secret" not in result.output
