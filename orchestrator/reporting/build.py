@@ -241,7 +241,8 @@ def _costs(s: Session, run_ids: Sequence[int]) -> tuple[CostRow, ...]:
                 judgments=int(c["judgments"]),
                 failed_judgments=int(c["failed_judgments"]),
                 reused_judgments=int(c["reused_judgments"]),
-                gpu_seconds_per_query=float(c["gpu_seconds_per_query"]),
+                # Rounded: the database sums float latencies in no fixed order (last bits vary).
+                gpu_seconds_per_query=round(float(c["gpu_seconds_per_query"]), 6),
                 # As the workers resolved it; the run's requested revision when nothing ran.
                 model_revision=", ".join(c["judgment_revisions"]) or c["run_revision"],
                 prompt_sha256=c["prompt_sha256"],
