@@ -307,9 +307,8 @@ def test_sql_docs_on_both_databases(database, tmp_path):
             c["failed_judgments"],
             c["reused_judgments"],
         )
-        assert row["judge_seconds_per_query"] == pytest.approx(
-            c["gpu_seconds_per_query"], rel=1e-9, abs=1e-12
-        )
+        # The report rounds judge seconds to the microsecond.
+        assert row["judge_seconds_per_query"] == pytest.approx(c["gpu_seconds_per_query"], abs=5e-7)
 
     # The SQL shown elsewhere (the retrieval view in the README) runs on this database too.
     for sql in other_docs_sql():
