@@ -124,10 +124,6 @@ def store_derived_run(
     return run.id
 
 
-def fit_query_ids(s: Session, run_id: int) -> set[int]:
-    return set(s.scalars(select(FitQuery.query_id).where(FitQuery.run_id == run_id)))
-
-
 def parent_of(s: Session, run_id: int) -> int | None:
     """The run ``run_id`` was derived from (None: not a derived run, or its parent was deleted)."""
     return s.scalar(select(DerivedRun.parent_run_id).where(DerivedRun.run_id == run_id))
