@@ -27,6 +27,7 @@ from statistics import median
 
 from orchestrator.reporting.stats import mcnemar_p
 from orchestrator.strategies.allpairs import bradley_terry
+from workers.names import did_you_mean
 
 METHODS = ("fuse", "gate")
 FUSE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
@@ -190,10 +191,7 @@ def derive(method: str, queries: Sequence[QueryEvidence], dev_share: float, seed
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(method, METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(method, METHODS)
         raise CalibrateError(f"unknown method {method!r}.{hint} Known methods: {', '.join(METHODS)}")
 
 

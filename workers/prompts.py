@@ -8,12 +8,13 @@ the quotes around a placeholder belong to the placeholder. Pure: no model, no I/
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+
+from workers.names import did_you_mean
 
 PLACEHOLDER = re.compile(r"'?<(GROUNDIMAGE|AERIALIMAGE[12]?)>'?")
 
@@ -80,8 +81,7 @@ def prompt_sha256(text: str) -> str:
 def load_prompt(name: str) -> Prompt:
     """Load and validate a prompt by name; raises ``KeyError`` with the known names."""
     if name not in SPECS:
-        close = difflib.get_close_matches(name, PROMPT_NAMES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, PROMPT_NAMES)
         raise KeyError(f"Unknown prompt {name!r}.{hint} Known prompts: {', '.join(PROMPT_NAMES)}")
     spec = SPECS[name]
     text = resources.files("workers").joinpath("prompts", f"{name}.txt").read_text("utf-8").rstrip("\n")

@@ -14,10 +14,11 @@ the order the strategy showed. ``both_orders=True`` wraps any pairwise strategy 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from workers.names import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ def get_strategy(name: str, **options: Any) -> Strategy:
     """
     registry = _registry()
     if name not in registry:
-        close = difflib.get_close_matches(name, registry, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownStrategy(f"Unknown strategy {name!r}.{hint} Known strategies: {', '.join(registry)}")
+        raise UnknownStrategy(
+            f"Unknown strategy {name!r}.{did_you_mean(name, registry)} Known strategies: {', '.join(registry)}"
+        )
     cls = registry[name]
     options = dict(options)
     both_orders = options.pop("both_orders", False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import json
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.judges.base import Judge
+from workers.names import did_you_mean
 
 # name -> (module:Class, default model, default revision). Real VLM judges import torch on load.
 JUDGES: dict[str, tuple[str, str, str]] = {
@@ -32,9 +32,9 @@ class UnknownJudge(KeyError):
 
 def check_judge_name(name: str) -> None:
     if name not in JUDGES:
-        close = difflib.get_close_matches(name, JUDGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownJudge(f"Unknown judge {name!r}.{hint} Known judges: {', '.join(sorted(JUDGES))}")
+        raise UnknownJudge(
+            f"Unknown judge {name!r}.{did_you_mean(name, JUDGES)} Known judges: {', '.join(sorted(JUDGES))}"
+        )
 
 
 def default_model(name: str) -> str:
