@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import median
 
-from orchestrator.reporting.stats import mcnemar_p
+from orchestrator.reporting.stats import PairedDifference, paired_difference
 from orchestrator.strategies.allpairs import bradley_terry
 from workers.names import did_you_mean
 
@@ -166,17 +166,27 @@ def fit(method: str, dev: Sequence[QueryEvidence]) -> float:
     closeness = (lambda v: -v) if method == "fuse" else (lambda v: v)  # fuse: small weight; gate: high bar
 
     def objective(value: float) -> tuple[int, int, float]:
-        return (_hits(dev, orders[value], 1), _hits(dev, orders[value], 5), closeness(value))
+        return (
+            sum(_top_hits(dev, orders[value], 1)),
+            sum(_top_hits(dev, orders[value], 5)),
+            closeness(value),
+        )
 
-    best, stage1 = max(grid, key=objective), STAGE1[method]
-    fixed, broken = _discordant(dev, orders[best], orders[stage1], 1)
-    if fixed > broken and mcnemar_p(fixed, broken) < KEEP_P:
+    stage1 = STAGE1[method]
+
+    def against_stage1(value: float, k: int) -> PairedDifference:
+        return paired_difference(_top_hits(dev, orders[value], k), _top_hits(dev, orders[stage1], k))
+
+    def beats_stage1(d: PairedDifference) -> bool:
+        return d.only_a > d.only_b and d.p_value < KEEP_P
+
+    best = max(grid, key=objective)
+    if beats_stage1(against_stage1(best, 1)):
         return best
     # No R@1 gain to show: the value that changes no dev query's R@1 and gains most at R@5.
-    same_top1 = [v for v in grid if _discordant(dev, orders[v], orders[stage1], 1) == (0, 0)]
+    same_top1 = [v for v in grid if (d := against_stage1(v, 1)).only_a == d.only_b == 0]
     safe = max(same_top1, key=objective)
-    fixed5, broken5 = _discordant(dev, orders[safe], orders[stage1], 5)
-    return safe if fixed5 > broken5 and mcnemar_p(fixed5, broken5) < KEEP_P else stage1
+    return safe if beats_stage1(against_stage1(safe, 5)) else stage1
 
 
 def derive(method: str, queries: Sequence[QueryEvidence], dev_share: float, seed: int) -> Derived:
@@ -200,20 +210,6 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _discordant(
-    queries: Sequence[QueryEvidence], a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], k: int
-) -> tuple[int, int]:
-    """Queries whose positive is in the first k of ``a`` and not of ``b``, and the reverse."""
-    fixed = broken = 0
-    for q, x, y in zip(queries, a, b, strict=True):
-        in_a = q.positive is not None and q.positive in x[:k]
-        in_b = q.positive is not None and q.positive in y[:k]
-        fixed += in_a and not in_b
-        broken += in_b and not in_a
-    return fixed, broken
-
-
-def _hits(queries: Sequence[QueryEvidence], orders: Sequence[Sequence[int]], k: int) -> int:
-    return sum(
-        1 for q, o in zip(queries, orders, strict=True) if q.positive is not None and q.positive in o[:k]
-    )
+def _top_hits(queries: Sequence[QueryEvidence], orders: Sequence[Sequence[int]], k: int) -> list[int]:
+    """Per query 0/1: is its positive within the first k of its order?"""
+    return [int(q.positive is not None and q.positive in o[:k]) for q, o in zip(queries, orders, strict=True)]

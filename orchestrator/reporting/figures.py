@@ -49,12 +49,12 @@ RERANKED_COLOUR = "#1f4fd1"  # the reranker's top-1 (the paper outlines it in bl
 OTHER_COLOUR = "#8c8c8c"
 EXPECTED_COLOUR = "#e66101"  # what stage-1 ranks alone predict
 RECALL_COLOURS = {1: "#1f4fd1", 3: "#4f8fdc", 5: "#92bde8", 10: "#cfe2f5"}
-# Score axis per pointwise prompt (Yes/No and reasoning: P(Yes); Likert: expectation; Direct: 0-100).
-SCORE_AXES = {
-    "yesno": ((0.0, 1.0), "P(Yes)"),
-    "reason": ((0.0, 1.0), "P(Yes) after reasoning"),
-    "likert": ((1.0, 5.0), "Likert expectation (1-5)"),
-    "direct": ((0.0, 100.0), "direct score (0-100)"),
+# Score axis label per pointwise prompt; its range is the prompt's scale (stats.SCORE_RANGES).
+SCORE_LABELS = {
+    "yesno": "P(Yes)",
+    "reason": "P(Yes) after reasoning",
+    "likert": "Likert expectation (1-5)",
+    "direct": "direct score (0-100)",
 }
 CALIBRATION_TARGETS = {
     "pointwise": "pointwise: score against 'this tile is the positive'",
@@ -187,7 +187,8 @@ def figure3_scores(panels: Sequence[ScorePanel]) -> Figure:
     fig = new_figure(width, 0.8 + lines_height(suptitle, SUPTITLE) + nrows * (2.4 + title_height))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel, title in zip(axes, panels, titles, strict=False):
-        (lo, hi), xlabel = SCORE_AXES.get(panel.prompt, ((None, None), "score"))
+        lo, hi = stats.SCORE_RANGES.get(panel.prompt, (None, None))
+        xlabel = SCORE_LABELS.get(panel.prompt, "score")
         if lo is None:
             values = [*panel.positives, *panel.others]
             lo, hi = float(min(values)), float(max(values))
