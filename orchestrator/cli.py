@@ -37,7 +37,7 @@ from orchestrator.reporting.render import FORMATS, format_report, prepare_out_di
 from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
-from workers.app import broker_url, is_embedded
+from workers.app import app, broker_url, is_embedded
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
 from workers.queues import COORDINATION_QUEUE, model_slug, queue_for, run_queues, vlm_shards, worker_queues
@@ -573,8 +573,6 @@ def _submit(sf: sessionmaker[Session], spec: RunSpec, wait: bool) -> int:
 
 
 def _check_broker() -> None:
-    from workers.app import app
-
     try:
         with app.connection_for_write(broker_url()) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)

@@ -8,6 +8,7 @@ restricts every row of a candidate set to the queries all of its reported runs f
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import combinations
@@ -366,4 +367,4 @@ def _with_notes(report: Report, idle: Sequence[int]) -> Report:
             )
     if idle:
         notes.append(f"left out (no finished query yet): run {', '.join(map(str, idle))}")
-    return Report(**{**report.__dict__, "notes": tuple(notes)})
+    return dataclasses.replace(report, notes=tuple(notes))
