@@ -34,7 +34,8 @@ from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_fo
 from orchestrator.reconcile import reconcile
 from orchestrator.reporting.build import ReportError, build_report
 from orchestrator.reporting.render import FORMATS, format_report, prepare_out_dir, write_report_files
-from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
+from orchestrator.strategies.base import UnknownStrategy
+from orchestrator.strategies.registry import STRATEGY_NAMES
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
 from workers.app import app, broker_url, is_embedded
