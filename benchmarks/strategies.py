@@ -47,8 +47,9 @@ from tqdm import tqdm  # noqa: E402
 from db.models import FAILED  # noqa: E402
 from orchestrator.calibrate import METHODS, STAGE1, QueryEvidence, derive  # noqa: E402
 from orchestrator.reporting.stats import Proportion, paired_difference, wilson  # noqa: E402
-from orchestrator.strategies.base import Done, get_strategy, pairwise_value  # noqa: E402
+from orchestrator.strategies.base import Done, pairwise_value  # noqa: E402
 from orchestrator.strategies.mergesort import worst_case_comparisons  # noqa: E402
+from orchestrator.strategies.registry import get_strategy  # noqa: E402
 from orchestrator.strategies.tournament import tournament_bound  # noqa: E402
 from orchestrator.synth import positive_ranks  # noqa: E402
 from workers.judges.base import JudgeRequest  # noqa: E402

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from celery import Celery  # noqa: E402
 
 from tests.services import PostgresServer, RedisServer, free_port  # noqa: E402
+from workers.queues import ADVANCE_TASK, JUDGE_PAIRWISE_TASK  # noqa: E402
 
 noop_app = Celery("cvgl-bench")
 noop_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_reject_on_worker_lost=True,
@@ -197,7 +198,7 @@ def main() -> None:
         groups = {"judgment workers": [procs[0].pid], "coordinator": [procs[1].pid]}
         for i in range(args.repeats):
             before = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
-            tasks_before = (tasks_done(work / "judge.log", "cvgl.judge_pairwise"), tasks_done(work / "coord.log", "cvgl.advance"))
+            tasks_before = (tasks_done(work / "judge.log", JUDGE_PAIRWISE_TASK), tasks_done(work / "coord.log", ADVANCE_TASK))
             t0 = time.perf_counter()
             run_id = orchestrator(env, "submit", "--strategy", "pairwise", "--all-queries", "--seed", str(i),
                                   "--accuracy", "0.9", "--batch-size", str(args.batch_size), "--no-reuse",
@@ -212,8 +213,8 @@ def main() -> None:
             rates.append(n / ran)
             end_to_end.append(n / elapsed)
             total_judgments += n
-            judge_tasks = tasks_done(work / "judge.log", "cvgl.judge_pairwise") - tasks_before[0]
-            advance_tasks = tasks_done(work / "coord.log", "cvgl.advance") - tasks_before[1]
+            judge_tasks = tasks_done(work / "judge.log", JUDGE_PAIRWISE_TASK) - tasks_before[0]
+            advance_tasks = tasks_done(work / "coord.log", ADVANCE_TASK) - tasks_before[1]
             after = cpu_seconds({**groups, **service_pids(redis_srv.process.pid, pg.directory / "pg")})
             used = {k: after[k] - before.get(k, 0.0) for k in after}
             share = ", ".join(f"{k} {v:.1f} s ({1e6 * v / n:.0f} us/judgment)" for k, v in used.items())

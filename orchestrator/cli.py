@@ -34,7 +34,8 @@ from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_fo
 from orchestrator.reconcile import reconcile
 from orchestrator.reporting.build import ReportError, build_report
 from orchestrator.reporting.render import FORMATS, format_report, prepare_out_dir, write_report_files
-from orchestrator.strategies.base import STRATEGY_NAMES, UnknownStrategy
+from orchestrator.strategies.base import UnknownStrategy
+from orchestrator.strategies.registry import STRATEGY_NAMES
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
 from workers.app import app, broker_url, is_embedded
@@ -711,11 +712,19 @@ def _report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also write table1.txt/.md/.csv/.json into this folder.",
+    help="Also write table1.txt/.md/.csv/.json into this folder (table1.txt as with --wide).",
+)
+@click.option(
+    "--wide",
+    is_flag=True,
+    help="Table format: every row on one line, intervals beside their values, nothing wrapped "
+    "(default: fit 120 columns, each R@k interval below its value, long cells and notes wrapped).",
 )
 @_report_options
 @user_errors
-def report(run_ids: tuple[int, ...], fmt: str, out: Path | None, common: bool, confidence: float) -> None:
+def report(
+    run_ids: tuple[int, ...], fmt: str, out: Path | None, wide: bool, common: bool, confidence: float
+) -> None:
     """Table 1: Recall@1/3/5/10 per run and its stage-1 baseline, paired tests, calibration, cost.
 
     No RUN_IDS: every run and candidate set stored. Each run is on the queries it finished,
@@ -726,7 +735,7 @@ def report(run_ids: tuple[int, ...], fmt: str, out: Path | None, common: bool, c
         prepare_out_dir(out)
     with sessions()() as s:
         result = build_report(s, list(run_ids) or None, common=common, confidence=confidence)
-    click.echo(format_report(result, fmt))
+    click.echo(format_report(result, fmt, wide=wide))
     if out is not None:
         for path in write_report_files(result, out):
             click.echo(f"wrote {path}", err=True)

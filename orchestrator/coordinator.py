@@ -43,7 +43,8 @@ from db.queries import (
 )
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
 from orchestrator.replay_cache import JUDGMENTS, QueryJudgments, RunKey, cached_candidate_lists, run_key
-from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value
+from orchestrator.strategies.base import Done, Strategy, pairwise_value
+from orchestrator.strategies.registry import get_strategy
 from workers.dispatch import send_judgments
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 
 from celery.worker import WorkController, state
 
-import orchestrator.tasks  # noqa: F401  (registers cvgl.advance on the app)
-from workers.app import app
+from orchestrator.tasks import app  # the coordinator's app: the workers' tasks and cvgl.advance
 from workers.queues import COORDINATION_QUEUE
 
 

@@ -41,7 +41,7 @@ from db.reports import retrieval_recall
 from db.upsert import insert_ignore
 from orchestrator.progress import BarState, follow
 from workers.app import app
-from workers.queues import RETRIEVAL_QUEUE
+from workers.queues import EMBED_SHARD_TASK, RANK_CANDIDATES_TASK, RETRIEVAL_QUEUE
 from workers.retrieval.store import (
     DEFAULT_IMG_SIZE,
     DEFAULT_MODEL,
@@ -52,7 +52,6 @@ from workers.retrieval.store import (
     reset_failed,
     run_folder_name,
 )
-from workers.retrieval.tasks import EMBED_SHARD_TASK, RANK_CANDIDATES_TASK  # torch-free at import
 
 DEFAULT_K = 20
 DEFAULT_BATCH_SIZE = 128  # Sample4Geo's evaluation batch

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Candidate, CandidateSet, Query, Run, RunQuery
 from db.upsert import insert_ignore
-from orchestrator.strategies.base import get_strategy
+from orchestrator.strategies.registry import get_strategy
 from workers.judges.registry import (
     check_judge_name,
     check_model_folder,

@@ -1,7 +1,9 @@
 """The coordination task, served by ``celery -A orchestrator.tasks worker -Q coordination``.
 
-Judgment workers send ``cvgl.advance`` by name after storing verdicts (workers never import the
-orchestrator); this module registers it on the same Celery app.
+Judgment workers send ``cvgl.advance`` (``workers.queues.ADVANCE_TASK``) by name after storing
+verdicts: workers never import the orchestrator. This module defines it on the workers' Celery app,
+so ``app`` here is the app a coordinator runs: the workers' tasks (the app's ``include``, imported
+when a worker starts) plus this one. The embedded worker runs this ``app`` too.
 """
 
 from __future__ import annotations
@@ -9,10 +11,9 @@ from __future__ import annotations
 from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-import workers.tasks  # noqa: F401  (registers the judgment tasks this worker may also serve)
 from orchestrator.coordinator import UnknownRun, advance
 from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
-from workers.tasks import ADVANCE_TASK
+from workers.queues import ADVANCE_TASK
 
 __all__ = ["app", "advance_task"]
 

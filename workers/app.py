@@ -12,7 +12,7 @@ import os
 from celery import Celery
 from celery.signals import worker_process_init
 
-from workers.queues import COORDINATION_QUEUE
+from workers.queues import COORDINATION_QUEUE, TASK_ROUTES
 
 BROKER_URL_ENV = "CVGL_BROKER_URL"
 # A task that meets a database error (a restart, a lock or statement timeout) retries every second
@@ -55,6 +55,8 @@ def _transport_options() -> dict:
     }
 
 
+# The tasks every worker of this app serves, imported when a worker starts (workers/queues.py names
+# them). The coordinator's task is defined in orchestrator/tasks.py, the app its workers run.
 app = Celery("cvgl", include=["workers.tasks", "workers.retrieval.tasks"])
 app.conf.update(
     broker_url=broker_url(),
@@ -77,6 +79,7 @@ app.conf.update(
     visibility_timeout=visibility_timeout(),
     broker_connection_retry_on_startup=True,
     task_default_queue=COORDINATION_QUEUE,
+    task_routes={name: {"queue": queue} for name, queue in TASK_ROUTES.items()},
     task_create_missing_queues=True,
     worker_send_task_events=True,
     task_send_sent_event=True,

@@ -16,9 +16,8 @@ from typing import Any
 
 from db.queries import RunInfo, chunked
 from workers.app import app
-from workers.queues import shard_of, shard_queue
+from workers.queues import JUDGE_TASKS, shard_of, shard_queue
 
-JUDGE_TASKS = {"pairwise": "cvgl.judge_pairwise", "pointwise": "cvgl.judge_pointwise"}
 TIME_LIMIT_BASE_ENV = "CVGL_TASK_TIME_LIMIT_BASE"
 TIME_LIMIT_PER_JUDGMENT_ENV = "CVGL_JUDGMENT_TIME_LIMIT"
 

@@ -5,6 +5,9 @@ one per GPU worker, and each query's judgments always go to the same one (a hash
 the worker that judged a query's last round holds its prefixes in its cache. A worker reads its
 own queue first and the others only when its own is empty, so a dead or slow worker's queries
 still finish elsewhere (``worker_queues``; the Redis transport reads queues in the given order).
+
+Every Celery task is named here, beside the queue it travels on: definitions (``workers/tasks.py``,
+``workers/retrieval/tasks.py``, ``orchestrator/tasks.py``) and senders use these constants.
 """
 
 from __future__ import annotations
@@ -17,6 +20,22 @@ COORDINATION_QUEUE = "coordination"
 RETRIEVAL_QUEUE = "retrieval"
 VLM_PREFIX = "vlm."
 SHARDS_ENV = "CVGL_VLM_SHARDS"
+
+# The coordinator's task (defined in orchestrator/tasks.py: workers send it by name, never import it).
+ADVANCE_TASK = "cvgl.advance"
+EMBED_SHARD_TASK = "cvgl.embed_shard"
+RANK_CANDIDATES_TASK = "cvgl.rank_candidates"
+# Judgments go to their model's queue (``queue_for``, one of ``run_queues``), named at each send.
+JUDGE_PAIRWISE_TASK = "cvgl.judge_pairwise"
+JUDGE_POINTWISE_TASK = "cvgl.judge_pointwise"
+JUDGE_TASKS = {"pairwise": JUDGE_PAIRWISE_TASK, "pointwise": JUDGE_POINTWISE_TASK}
+# The tasks with a fixed queue: the app's ``task_routes``, so a send that names no queue lands right.
+TASK_ROUTES = {
+    ADVANCE_TASK: COORDINATION_QUEUE,
+    EMBED_SHARD_TASK: RETRIEVAL_QUEUE,
+    RANK_CANDIDATES_TASK: RETRIEVAL_QUEUE,
+}
+TASK_NAMES = (*TASK_ROUTES, *JUDGE_TASKS.values())
 
 
 def model_slug(model: str) -> str:

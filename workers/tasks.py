@@ -32,12 +32,11 @@ from workers.inputs import JudgmentInput, judgment_inputs
 from workers.judges.base import JudgeRequest
 from workers.judging import Item, Outcome, failed, resolve_image, run_batch
 from workers.prompts import load_prompt
-from workers.queues import COORDINATION_QUEUE
+from workers.queues import ADVANCE_TASK, COORDINATION_QUEUE, JUDGE_PAIRWISE_TASK, JUDGE_POINTWISE_TASK
 from workers.runtime import get_judge, loaded_judges
 
 log = logging.getLogger(__name__)
 
-ADVANCE_TASK = "cvgl.advance"
 # A database blip (PostgreSQL restart, a lock or statement timeout) must not drop the batch.
 _DB_ERRORS = (OperationalError, InterfaceError)
 MAX_HANDED_LEASES = 4  # holders a retried task may take leases over from
@@ -76,13 +75,13 @@ class JudgmentTask(Task):
                 log.exception("could not send the judgments of task %s again", task_id)
 
 
-@app.task(name="cvgl.judge_pairwise", base=JudgmentTask, bind=True)
+@app.task(name=JUDGE_PAIRWISE_TASK, base=JudgmentTask, bind=True)
 def judge_pairwise(self: Task, ids: list[int], holders: list[str] | None = None) -> int:
     """Judge pending pairwise verdicts by id. Returns how many this delivery stored."""
     return _judge_task(self, "pairwise", ids, holders)
 
 
-@app.task(name="cvgl.judge_pointwise", base=JudgmentTask, bind=True)
+@app.task(name=JUDGE_POINTWISE_TASK, base=JudgmentTask, bind=True)
 def judge_pointwise(self: Task, ids: list[int], holders: list[str] | None = None) -> int:
     """Judge pending pointwise scores by id. Returns how many this delivery stored."""
     return _judge_task(self, "pointwise", ids, holders)

@@ -1,5 +1,9 @@
 """A ``Report`` as text: an aligned table, markdown, CSV and JSON, and the files ``--out`` writes.
 
+The text table fits ``TABLE_WIDTH`` columns: each R@k interval goes on the line below its value,
+and notes, captions and long text cells (options, model names) wrap. ``wide=True`` puts every
+row on one line instead, as the table1.txt that ``--out`` writes does.
+
 The human formats are blocks (caption, headers, cells) shared with the HTML page; CSV has one
 line per Table 1 row (baselines and runs), each run with its tests against its baseline; JSON is
 the whole report, every kind of row under its own key.
@@ -11,6 +15,7 @@ import csv
 import io
 import json
 import tempfile
+import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,9 @@ from orchestrator.reporting.rows import (
 
 FORMATS = ("table", "markdown", "csv", "json")
 REPORT_FILES = {"table": "table1.txt", "markdown": "table1.md", "csv": "table1.csv", "json": "table1.json"}
+TABLE_WIDTH = 120
+NARROW_FOOTNOTE = "R@k intervals sit below their values and long cells wrap to fit 120 columns; --wide for all columns on one line"
+MIN_WRAP = 8  # a wrapped column keeps at least this many characters per line
 
 
 @dataclass
@@ -42,15 +50,18 @@ class Block:
     body: list[list[str]]
     numeric: set[int] = field(default_factory=set)
     bold: set[tuple[int, int]] = field(default_factory=set)
+    # Cells "value [low, high]" whose interval the narrow text table puts on a second line.
+    stacked: set[int] = field(default_factory=set)
 
 
-def format_report(report: Report, fmt: str) -> str:
+def format_report(report: Report, fmt: str, wide: bool = False) -> str:
+    """``report`` in ``fmt``; ``wide`` only changes the text table (see the module docstring)."""
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2)
     if fmt == "csv":
         return _csv(report)
     if fmt == "table":
-        return _table(report)
+        return _table(report, wide)
     if fmt == "markdown":
         return _markdown(report)
     raise ReportError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -68,11 +79,12 @@ def prepare_out_dir(path: Path) -> Path:
 
 
 def write_report_files(report: Report, out_dir: Path) -> list[Path]:
-    """The report in every format under ``out_dir`` (prepared by ``prepare_out_dir``)."""
+    """The report in every format under ``out_dir`` (prepared by ``prepare_out_dir``); the text
+    table wide, since a file is the whole record and no terminal wraps it."""
     written = []
     for fmt, name in REPORT_FILES.items():
         path = out_dir / name
-        path.write_text(format_report(report, fmt) + "\n", encoding="utf-8")
+        path.write_text(format_report(report, fmt, wide=True) + "\n", encoding="utf-8")
         written.append(path)
     return written
 
@@ -340,6 +352,7 @@ def _table1(report: Report, level: str) -> Block:
         body,
         {2, *range(first, first + len(RECALL_KS))},
         bold,
+        stacked=set(range(first, first + len(RECALL_KS))),
     )
 
 
@@ -354,22 +367,65 @@ def _groups(rows: list[BaselineRow | RunRow]) -> dict[tuple[str, int], list[int]
 # formats
 
 
-def _table(report: Report) -> str:
+def _table(report: Report, wide: bool = False) -> str:
     if not report.runs and not report.baselines and not report.retrieval:
         return "no runs or candidate sets stored yet"
-    out = [f"note: {line}" for line in header_lines(report)]
+    width = None if wide else TABLE_WIDTH
+    out = [line for note in header_lines(report) for line in _wrap(f"note: {note}", width, indent=6)]
     for block in table_blocks(report):
-        widths = [max(len(h), *(len(b[i]) for b in block.body)) for i, h in enumerate(block.headers)]
-
-        def line(cells: list[str], widths=widths, numeric=block.numeric) -> str:
-            return "  ".join(
-                c.rjust(w) if i in numeric else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        out += ["", block.caption, line(block.headers), line(["-" * w for w in widths])]
-        out += [line(b) for b in block.body]
+        out += ["", *_wrap(block.caption, width), *_block_lines(block, width)]
+    if not wide:
+        out += ["", *_wrap(NARROW_FOOTNOTE, width)]
     return "\n".join(out)
+
+
+def _wrap(text: str, width: int | None, indent: int = 0) -> list[str]:
+    if width is None or len(text) <= width:
+        return [text]
+    return textwrap.wrap(text, width, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+
+def _block_lines(block: Block, width: int | None) -> list[str]:
+    """The block's header, rule and rows, aligned; within ``width`` (None: no limit) by stacking
+    intervals and then wrapping the widest text columns, each row taking as many lines as its
+    tallest cell."""
+    body = block.body
+    if width is not None:
+        body = [
+            [c.replace(" ", "\n", 1) if i in block.stacked else c for i, c in enumerate(row)] for row in body
+        ]
+    rows = [block.headers, *body]
+    widths = [
+        max(len(line) for row in rows for line in row[i].split("\n")) for i in range(len(block.headers))
+    ]
+    if width is not None:
+        wrappable = [i for i in range(len(widths)) if i not in block.numeric and i not in block.stacked]
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            narrowable = [i for i in wrappable if widths[i] > MIN_WRAP]
+            if not narrowable:
+                break
+            widths[max(narrowable, key=lambda i: widths[i])] -= 1
+
+    def cell_lines(text: str, w: int) -> list[str]:
+        return [part for line in text.split("\n") for part in (textwrap.wrap(line, w) or [""])]
+
+    def lines(cells: list[str]) -> list[str]:
+        columns = [cell_lines(c, w) for c, w in zip(cells, widths, strict=True)]
+        return [
+            "  ".join(
+                (col[n] if n < len(col) else "").rjust(w)
+                if i in block.numeric
+                else (col[n] if n < len(col) else "").ljust(w)
+                for i, (col, w) in enumerate(zip(columns, widths, strict=True))
+            ).rstrip()
+            for n in range(max(map(len, columns)))
+        ]
+
+    return [
+        *lines(block.headers),
+        "  ".join("-" * w for w in widths),
+        *(line for row in body for line in lines(row)),
+    ]
 
 
 def _markdown(report: Report) -> str:

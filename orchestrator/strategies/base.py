@@ -1,4 +1,4 @@
-"""What a strategy replay returns, and the registry of strategies.
+"""The strategy contract: what a replay returns, the errors, and how a pairwise one reads outcomes.
 
 A strategy is a pure function of the candidates (stage-1 order) and the outcomes stored so far.
 It returns ``Done(order)`` or ``Need(items)``: every judgment it can name now (for a pairwise
@@ -9,7 +9,8 @@ A pairwise strategy reads ``(first, second) -> True when the first-shown item wi
 sets ``reads_probabilities``, ``(first, second) -> P(first-shown item wins)``. A failed
 comparison reads as "first wins" (True, or 0.5 with ties going to the first shown), so it keeps
 the order the strategy showed. ``both_orders=True`` wraps any pairwise strategy in
-``BothOrders`` (``both_orders.py``).
+``BothOrders`` (``both_orders.py``). The name -> strategy table is ``registry.py``; nothing in
+this package imports it, so the strategies never import in a circle.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-from workers.names import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -69,55 +68,3 @@ def pairwise_value(
     if p_first is None:
         return 1.0 if first_wins else 0.0
     return float(p_first)
-
-
-def _registry() -> dict[str, type]:
-    from orchestrator.strategies.allpairs import AllPairs
-    from orchestrator.strategies.mergesort import MergeSort
-    from orchestrator.strategies.pointwise import Pointwise
-    from orchestrator.strategies.selection import Selection
-    from orchestrator.strategies.tournament import Tournament
-
-    return {
-        "pairwise": MergeSort,
-        "mergesort": MergeSort,
-        "selection": Selection,
-        "tournament": Tournament,
-        "allpairs": AllPairs,
-        "pointwise": Pointwise,
-    }
-
-
-STRATEGY_NAMES = ("pairwise", "mergesort", "selection", "tournament", "allpairs", "pointwise")
-
-
-def get_strategy(name: str, **options: Any) -> Strategy:
-    """The strategy ``name`` with its options; ``both_orders=True`` wraps a pairwise one.
-
-    Raises:
-        UnknownStrategy: no strategy of that name.
-        StrategyOptionError: an option the strategy does not take, or a bad value.
-    """
-    registry = _registry()
-    if name not in registry:
-        raise UnknownStrategy(
-            f"Unknown strategy {name!r}.{did_you_mean(name, registry)} Known strategies: {', '.join(registry)}"
-        )
-    cls = registry[name]
-    options = dict(options)
-    both_orders = options.pop("both_orders", False)
-    if not isinstance(both_orders, bool):
-        raise StrategyOptionError(f"both_orders must be true or false, got {both_orders!r}")
-    takes = getattr(cls, "OPTIONS", ())
-    for option in options:
-        if option not in takes:
-            also = f" (it takes: {', '.join(takes)})" if takes else ""
-            raise StrategyOptionError(f"strategy {name!r} takes no option {option!r}{also}")
-    strategy = cls(**options)
-    if both_orders:
-        if strategy.kind != "pairwise":
-            raise StrategyOptionError(f"both_orders applies to pairwise strategies, not {name!r}")
-        from orchestrator.strategies.both_orders import BothOrders
-
-        strategy = BothOrders(strategy)
-    return strategy

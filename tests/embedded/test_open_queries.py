@@ -18,7 +18,7 @@ from orchestrator.cli import cli
 from orchestrator.reconcile import reconcile
 from orchestrator.submit import OPEN_QUERIES_PER_GPU, RunSpec, create_run
 from workers import dispatch
-from workers.queues import shard_of, shard_queue
+from workers.queues import JUDGE_PAIRWISE_TASK, shard_of, shard_queue
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_each_query_goes_to_its_own_gpu_queue(stored, monkeypatch):
     limits: list[float] = []
 
     def send_task(name, args, queue, time_limit):
-        assert name == "cvgl.judge_pairwise"
+        assert name == JUDGE_PAIRWISE_TASK
         sent.append((queue, args[0]))
         limits.append(time_limit)
 

@@ -251,8 +251,13 @@ def test_report_figures_and_page_on_a_real_experiment(stack_env, dataset, pg_url
     # -- The same in the other formats: the table's header says which queries each row is on.
     out = tmp_path / "table"
     table = orchestrator(stack_env, "report", "--out", str(out)).stdout
-    assert "rows are on 3 different query sets" in table and "Wilson" in table and "Holm" in table
+    words = " ".join(table.split())  # notes wrap at 120 columns
+    assert "rows are on 3 different query sets" in words and "Wilson" in words and "Holm" in words
+    assert max(map(len, table.splitlines())) <= 120 and "--wide for all columns" in table
+    wide = orchestrator(stack_env, "report", "--wide").stdout
+    assert max(map(len, wide.splitlines())) > 120 and "position_bias=0.3" in wide
     assert sorted(p.name for p in out.iterdir()) == ["table1.csv", "table1.json", "table1.md", "table1.txt"]
+    assert (out / "table1.txt").read_text() == wide
     assert json.loads((out / "table1.json").read_text()) == report
     assert (out / "table1.md").read_text().startswith("> Recall@k (%) with 95% Wilson score intervals")
     csv_rows = list(csv.DictReader(io.StringIO((out / "table1.csv").read_text())))

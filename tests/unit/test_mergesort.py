@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from orchestrator.strategies.base import Done, Need, UnknownStrategy, get_strategy
+from orchestrator.strategies.base import Done, Need, UnknownStrategy
 from orchestrator.strategies.mergesort import MergeSort, worst_case_comparisons
 from orchestrator.strategies.pointwise import Pointwise
+from orchestrator.strategies.registry import get_strategy
 
 
 def drive(strategy, candidates, better):

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
-from workers.queues import model_slug, queue_for, run_queues, shard_of, shard_queue, worker_queues
+from workers.queues import (
+    ADVANCE_TASK,
+    JUDGE_TASKS,
+    TASK_NAMES,
+    TASK_ROUTES,
+    VLM_PREFIX,
+    model_slug,
+    queue_for,
+    run_queues,
+    shard_of,
+    shard_queue,
+    worker_queues,
+)
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 
 
 @pytest.mark.parametrize(
@@ -25,6 +41,38 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 )
 def test_queue_for_model(model, queue):
     assert queue_for(model) == queue
+
+
+# What a worker started with ``celery -A <module> worker`` serves: the module's app, after the
+# worker's start-up import of the app's ``include``. A fresh interpreter, so that nothing this test
+# process imported registers a task the worker itself would not have.
+_SERVED = """
+import json, sys
+from celery.app.utils import find_app
+app = find_app(sys.argv[1])
+app.loader.import_default_modules()
+routes = {name: app.amqp.router.route({}, name)["queue"].name for name in app.tasks if name.startswith("cvgl.")}
+print(json.dumps(routes))
+"""
+
+
+def _served(module: str) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-c", _SERVED, module], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_task_is_registered_where_its_workers_run_and_routed_beside_its_queue():
+    assert len(set(TASK_NAMES)) == len(TASK_NAMES) == 5
+    coordinator = _served("orchestrator.tasks")  # the coordinator and the embedded worker
+    assert set(coordinator) == set(TASK_NAMES)
+    for name, queue in TASK_ROUTES.items():
+        assert coordinator[name] == queue, name
+    # Judgments have no fixed queue: each send names its model's (tests/embedded/test_open_queries.py).
+    assert not set(JUDGE_TASKS.values()) & set(TASK_ROUTES)
+    # A GPU or retrieval worker runs workers.app: every task but the coordinator's own.
+    assert set(_served("workers.app")) == set(TASK_NAMES) - {ADVANCE_TASK}
+    assert queue_for("simulated").startswith(VLM_PREFIX)
 
 
 def test_slug_refuses_an_empty_name():

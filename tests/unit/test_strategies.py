@@ -3,6 +3,7 @@ bound under any judge, and asking only for what is missing from any subset of it
 
 from __future__ import annotations
 
+import ast
 import itertools
 import math
 import random
@@ -13,15 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.strategies.allpairs import AllPairs, bradley_terry
-from orchestrator.strategies.base import (
-    Done,
-    Need,
-    StrategyOptionError,
-    get_strategy,
-    pairwise_value,
-)
+from orchestrator.strategies.base import Done, Need, StrategyOptionError, pairwise_value
 from orchestrator.strategies.both_orders import BothOrders, combined
 from orchestrator.strategies.mergesort import worst_case_comparisons
+from orchestrator.strategies.registry import get_strategy
 from orchestrator.strategies.selection import selection_comparisons
 from orchestrator.strategies.tournament import tournament_bound
 from workers.judges.base import JudgeRequest
@@ -313,6 +309,49 @@ def test_registry_names_and_option_errors():
         get_strategy("pointwise", both_orders=True)
     with pytest.raises(StrategyOptionError, match="true or false"):
         get_strategy("mergesort", both_orders="yes")
+
+
+def _strategy_imports() -> dict[str, set[str]]:
+    """Each module of orchestrator/strategies -> the package's modules it imports, at any depth
+    of the file (an import inside a function closes a circle as surely as one at the top)."""
+    package = Path(__file__).resolve().parents[2] / "orchestrator" / "strategies"
+    prefix = "orchestrator.strategies."
+    graph = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # relative: from . import x, from .x import y
+                    module = prefix + module if module else prefix.rstrip(".")
+                names.add(module)
+                names.update(f"{module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        graph[path.stem] = {n.removeprefix(prefix) for n in names if n.startswith(prefix)} - {path.stem}
+    return {name: imports & set(graph) for name, imports in graph.items()}  # modules, not classes
+
+
+def test_strategy_modules_import_without_a_circle():
+    graph = _strategy_imports()
+    assert {"base", "registry", "mergesort", "both_orders"} <= set(graph)
+    # The registry is imported only from outside the package; the contract imports no strategy.
+    assert [name for name, imports in graph.items() if "registry" in imports] == []
+    assert graph["base"] == set()
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, f"import circle: {' -> '.join([*visiting, name])}"
+        if name in done or name not in graph:
+            return
+        visiting.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,13 +28,11 @@ from db import leases
 from db.engine import session_factory
 from db.models import FAILED, PENDING, RETRIEVAL_RUNNING, EmbeddingShard, RetrievalRun
 from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
-from workers.queues import RETRIEVAL_QUEUE
+from workers.queues import EMBED_SHARD_TASK, RANK_CANDIDATES_TASK, RETRIEVAL_QUEUE
 from workers.retrieval import store
 
 log = logging.getLogger(__name__)
 
-EMBED_SHARD_TASK = "cvgl.embed_shard"
-RANK_CANDIDATES_TASK = "cvgl.rank_candidates"
 _DB_ERRORS = (OperationalError, InterfaceError)
 
 
