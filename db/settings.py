@@ -308,15 +308,33 @@ def env_names() -> set[str]:
     return {f.metadata["env"] for f in dataclasses.fields(Settings)}
 
 
+BEGIN_MARK = "<!-- settings table: written by `python -m db.settings --write docs/settings.md` -->"
+END_MARK = "<!-- end of settings table -->"
+
+
+def with_table(text: str) -> str:
+    """``text`` (docs/settings.md) with the table between its markers written anew."""
+    head, begin, rest = text.partition(BEGIN_MARK)
+    _, end, tail = rest.partition(END_MARK)
+    if not begin or not end:
+        raise SettingsError(f"the file has no {BEGIN_MARK} ... {END_MARK} markers")
+    return f"{head}{BEGIN_MARK}\n{markdown_table()}{END_MARK}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args != ["--markdown"]:
-        sys.stderr.write(
-            "usage: python -m db.settings --markdown  (the settings table of docs/settings.md)\n"
-        )
-        return 2
-    sys.stdout.write(markdown_table())
-    return 0
+    if args == ["--markdown"]:
+        sys.stdout.write(markdown_table())
+        return 0
+    if len(args) == 2 and args[0] == "--write":
+        path = Path(args[1])
+        path.write_text(with_table(path.read_text()))
+        return 0
+    sys.stderr.write(
+        "usage: python -m db.settings --markdown      print the settings table\n"
+        "       python -m db.settings --write FILE    write it between FILE's markers (docs/settings.md)\n"
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import DATABASE_URL_ENV, database_url, is_sqlite, session_factory
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.models import Run
-from db.settings import SettingsError, override, settings
+from db.settings import SettingsError, override
 from orchestrator import launch, vigor
 from orchestrator.calibrate import check_method
 from orchestrator.candidates import CandidateFileError, import_candidates
@@ -121,10 +122,18 @@ def cli(ctx: click.Context, verbose: int, database_url: str | None, broker_url: 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:  # the edge: the environment, then this command line; a bad value is one line here
-        ctx.with_resource(override(database_url=database_url, broker_url=broker_url))
-        settings()
+        ctx.with_resource(_command_line_settings(database_url=database_url, broker_url=broker_url))
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@contextmanager
+def _command_line_settings(**given: str | None) -> Iterator[None]:
+    """The settings of one command (the environment, then its options), the Celery app following
+    them; afterwards the app follows the environment again (one process may run many commands)."""
+    with override(**given):
+        use_current_settings()
+        yield
     use_current_settings()
 
 
