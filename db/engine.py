@@ -1,7 +1,8 @@
 """Database URL, engine and session factory.
 
-The one place that reads ``CVGL_DATABASE_URL``. Unset means the embedded default: a SQLite
-file (``CVGL_HOME``/cvgl.sqlite3, by default ``~/.local/share/cvgl-rerank``). Imports nothing of ours.
+The database URL comes from the settings (``CVGL_DATABASE_URL`` or ``--database-url``). Unset means
+the embedded default: a SQLite file (``CVGL_HOME``/cvgl.sqlite3, by default
+``~/.local/share/cvgl-rerank``). Imports only ``db.settings`` of ours.
 """
 
 from __future__ import annotations
@@ -12,22 +13,23 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.settings import settings
+
 DATABASE_URL_ENV = "CVGL_DATABASE_URL"
-HOME_ENV = "CVGL_HOME"
 
 
 def cvgl_home() -> Path:
     """Folder for embedded-mode state (SQLite file), from ``CVGL_HOME`` or the XDG data dir."""
-    home = os.environ.get(HOME_ENV)
+    home = settings().home
     if home:
-        return Path(home).expanduser()
+        return home
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "cvgl-rerank"
 
 
 def database_url() -> str:
     """The database URL: ``CVGL_DATABASE_URL`` or a SQLite file in :func:`cvgl_home`."""
-    url = os.environ.get(DATABASE_URL_ENV, "").strip()
+    url = settings().database_url
     if not url:
         return f"sqlite:///{cvgl_home() / 'cvgl.sqlite3'}"
     return normalize_url(url)
@@ -74,18 +76,19 @@ def make_engine(url: str | None = None) -> Engine:
 # No session may hold locks for long: a worker frozen (SIGSTOP, a hung GPU) inside a transaction
 # would stall every other worker behind its row locks. The server ends such a session, a blocked
 # statement gives up, and a dead peer is noticed; the errors are retried like a connection error.
-PG_LIMITS = {  # setting -> (environment variable, default seconds)
-    "lock_timeout": ("CVGL_DB_LOCK_TIMEOUT", 10.0),
-    "idle_in_transaction_session_timeout": ("CVGL_DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0),
-    "statement_timeout": ("CVGL_DB_STATEMENT_TIMEOUT", 300.0),
+PG_LIMITS = {  # PostgreSQL setting -> field of db.settings.Settings (seconds)
+    "lock_timeout": "db_lock_timeout",
+    "idle_in_transaction_session_timeout": "db_idle_in_transaction_timeout",
+    "statement_timeout": "db_statement_timeout",
 }
 
 
 def pg_session_limits() -> dict[str, object]:
     """libpq connection arguments: the session timeouts above and TCP keepalives."""
     options = []
-    for setting, (env, default) in PG_LIMITS.items():
-        seconds = float(os.environ.get(env, "") or default)
+    current = settings()
+    for setting, name in PG_LIMITS.items():
+        seconds = getattr(current, name)
         options.append(f"-c {setting}={int(seconds * 1000)}")
     return {
         "options": " ".join(options),

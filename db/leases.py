@@ -36,10 +36,10 @@ from typing import Any
 from sqlalchemy import Table, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.settings import settings
+
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS_ENV = "CVGL_LEASE_SECONDS"
-DEFAULT_LEASE_SECONDS = 30.0
 PENDING, FAILED = "pending", "failed"
 
 _token: tuple[int, str] | None = None
@@ -47,7 +47,7 @@ _token: tuple[int, str] | None = None
 
 def lease_seconds() -> float:
     """How long a lease lasts without renewal; renewed every quarter of it while work runs."""
-    return float(os.environ.get(LEASE_SECONDS_ENV, "") or DEFAULT_LEASE_SECONDS)
+    return settings().lease_seconds
 
 
 def holder() -> str:

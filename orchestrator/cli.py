@@ -2,8 +2,9 @@
 report, figures, worker, coordinator, migrate, demo.
 
 One short function per command; domain errors become one-line ``click.ClickException``s (exit 1).
-``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` select PostgreSQL and Redis; unset, the command runs
-on a SQLite file and an in-process broker with a worker it starts itself.
+``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` (or ``--database-url`` / ``--broker-url``) select
+PostgreSQL and Redis; unset, the command runs on a SQLite file and an in-process broker with a
+worker it starts itself. Settings are read once here, at the edge (``db.settings``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import DATABASE_URL_ENV, database_url, is_sqlite, session_factory
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.models import Run
-from orchestrator import vigor
+from db.settings import SettingsError, override
+from orchestrator import launch, vigor
 from orchestrator.calibrate import check_method
 from orchestrator.candidates import CandidateFileError, import_candidates
 from orchestrator.coordinator import UnknownRun, advance
 from orchestrator.derived_runs import PARAMETER_NAMES, calibrate_run
 from orchestrator.ingest import ingest as ingest_records
+from orchestrator.ingest import ingest_directory
 from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_for_run
 from orchestrator.reconcile import reconcile
 from orchestrator.reporting.build import ReportError, build_report
@@ -38,10 +42,10 @@ from orchestrator.strategies.base import UnknownStrategy
 from orchestrator.strategies.registry import STRATEGY_NAMES
 from orchestrator.submit import RunSpec, SubmitError, create_run
 from orchestrator.synth import write_synthetic_vigor
-from workers.app import app, broker_url, is_embedded
+from workers.app import app, broker_url, is_embedded, use_current_settings
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
-from workers.queues import COORDINATION_QUEUE, model_slug, queue_for, run_queues, vlm_shards, worker_queues
+from workers.queues import run_queues
 
 log = logging.getLogger("orchestrator")
 
@@ -92,22 +96,59 @@ def sessions() -> sessionmaker[Session]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option(
+    "--database-url",
+    envvar="CVGL_DATABASE_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="SQLAlchemy URL, e.g. postgresql://user:pw@host/cvgl (default: a SQLite file in CVGL_HOME).",
+)
+@click.option(
+    "--broker-url",
+    envvar="CVGL_BROKER_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="Celery broker, e.g. redis://host:6379/0 (default: an in-process broker and worker).",
+)
 @click.version_option(package_name="cvgl-rerank")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, database_url: str | None, broker_url: str | None) -> None:
     """Rerank cross-view geolocalization candidates with vision-language models.
 
     Every judgment is stored in SQL; Recall@k is computed from what is stored. Set
-    CVGL_DATABASE_URL and CVGL_BROKER_URL to use PostgreSQL and Redis with Celery workers;
-    unset, everything runs in this process on a SQLite file.
+    CVGL_DATABASE_URL and CVGL_BROKER_URL (or --database-url and --broker-url) to use PostgreSQL
+    and Redis with Celery workers; unset, everything runs in this process on a SQLite file. Every
+    CVGL_* setting: docs/settings.md.
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:  # the edge: the environment, then this command line; a bad value is one line here
+        ctx.with_resource(_command_line_settings(database_url=database_url, broker_url=broker_url))
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@contextmanager
+def _command_line_settings(**given: str | None) -> Iterator[None]:
+    """The settings of one command (the environment, then its options), the Celery app following
+    them; afterwards the app follows the environment again (one process may run many commands)."""
+    with override(**given):
+        use_current_settings()
+        yield
+    use_current_settings()
 
 
 @cli.command(short_help="Bring the schema to the newest migration.")
 @user_errors
 def migrate() -> None:
-    """Bring the database schema to the newest Alembic migration."""
+    """Bring the database schema to the newest Alembic migration.
+
+    Needed once per PostgreSQL database (and after an upgrade); the embedded SQLite file is
+    migrated by every command. Name the database with CVGL_DATABASE_URL or --database-url (before
+    the command's name).
+
+    Example: orchestrator migrate
+    """
     upgrade_to_head()
     click.echo(f"database at head: {_safe_url()}")
 
@@ -129,7 +170,9 @@ def migrate() -> None:
     show_default=True,
     help="Candidates per query in candidates.csv.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the images, places and candidates."
+)
 @click.option(
     "--cities",
     default=",".join(vigor.CROSS_AREA_TEST_CITIES),
@@ -151,9 +194,20 @@ def migrate() -> None:
 )
 @user_errors
 def synth(
-    directory: Path, n_queries: int, k: int, seed: int, cities: str, image_size: int, panorama_height: int | None
+    directory: Path,
+    n_queries: int,
+    k: int,
+    seed: int,
+    cities: str,
+    image_size: int,
+    panorama_height: int | None,
 ) -> None:
-    """Write a synthetic dataset in the VIGOR layout, plus DIRECTORY/candidates.csv."""
+    """Write a synthetic dataset in the VIGOR layout, plus DIRECTORY/candidates.csv.
+
+    Each query's true tile is among its candidates; feed it to ingest and import-candidates.
+
+    Example: orchestrator synth data/synthetic --queries 50 --cities Chicago
+    """
     summary = write_synthetic_vigor(
         directory,
         n_queries,
@@ -171,14 +225,25 @@ def synth(
 
 @cli.command(short_help="Read a VIGOR dataset into the database.")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(vigor.SPLITS), default="cross-area", show_default=True)
+@click.option(
+    "--split",
+    type=click.Choice(vigor.SPLITS),
+    default="cross-area",
+    show_default=True,
+    help="Which label files to read.",
+)
 @click.option("--cities", default=None, help="Comma-separated cities (default: the split's test cities).")
 @user_errors
 def ingest(directory: Path, split: str, cities: str | None) -> None:
-    """Read a VIGOR dataset into the database (idempotent)."""
-    data = vigor.read_vigor(directory, split, _split(cities) if cities else None)
+    """Read a VIGOR dataset into the database (idempotent).
+
+    Tiles, panoramas and their ground truth of the split's cities; image files are checked, not
+    read.
+
+    Example: orchestrator ingest data/VIGOR --cities Chicago
+    """
     with sessions().begin() as s:
-        out = ingest_records(s, directory, data)
+        out = ingest_directory(s, directory, split, _split(cities) if cities else None)
     click.echo(
         f"dataset {out.dataset_id}: {out.queries} queries ({out.new_queries} new), {out.tiles} tiles "
         f"({out.new_tiles} new), {out.labels} labels ({out.new_labels} new)"
@@ -195,7 +260,12 @@ def ingest(directory: Path, split: str, cities: str | None) -> None:
 )
 @user_errors
 def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
-    """Store precomputed top-K candidates (CSV: query,tile,rank,score)."""
+    """Store precomputed top-K candidates (CSV: query,tile,rank,score).
+
+    The file names the query and tile files as ingested; importing it again changes nothing.
+
+    Example: orchestrator import-candidates data/synthetic/candidates.csv --name synthetic
+    """
     with sessions().begin() as s:
         out = import_candidates(s, file, name, dataset)
     verb = "imported" if out.created else "already stored:"
@@ -271,6 +341,8 @@ def retrieve(
     Retrieval workers (`celery -A workers.app worker -Q retrieval`) embed shards of images into
     float16 files under CVGL_EMBEDDINGS_DIR; the last one computes the top-K, stored as candidate
     set NAME. Running the same command again resumes: shards already stored are not recomputed.
+
+    Example: orchestrator retrieve --name s4g --checkpoint weights/vigor_cross.pth
     """
     from orchestrator import retrieve as stage1
     from workers.app import visibility_timeout
@@ -429,7 +501,9 @@ def retrieve(
     "VLM judges, so each GPU keeps every open query's prefixes cached; all for the simulated judge). "
     "0: all at once.",
 )
-@click.option("--wait/--no-wait", default=False, help="Show progress until the run is done.")
+@click.option(
+    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
+)
 @click.option(
     "--then-calibrate",
     "then_calibrate",
@@ -466,7 +540,10 @@ def submit(
     wait: bool,
     then_calibrate: str | None,
 ) -> None:
-    """Create a rerank run and enqueue its judgments; prints the run id."""
+    """Create a rerank run and enqueue its judgments; prints the run id.
+
+    Example: orchestrator submit --strategy pointwise --prompt yesno --queries 50 --wait
+    """
     if then_calibrate is not None:
         check_method(then_calibrate)  # before anything is stored
     options = {
@@ -553,6 +630,7 @@ def calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
 
     Fitted on a seeded share of the queries (dev), reported on the rest (test) beside RUN_ID and the
     stage-1 baseline on those same queries; a judge that hurts on dev is switched off.
+
     Example: orchestrator calibrate 3 --method fuse
     """
     _calibrate(run_id, method, dev_share, seed)
@@ -630,7 +708,10 @@ def _stall_seconds() -> float:
 @click.argument("run_id", type=int, required=False)
 @user_errors
 def status(run_id: int | None) -> None:
-    """Progress of one run, or of every run."""
+    """Progress of one run, or of every run.
+
+    Example: orchestrator status 1
+    """
     sf = sessions()
     with sf() as s:
         if run_id is not None:
@@ -660,7 +741,9 @@ def status(run_id: int | None) -> None:
 
 @cli.command(short_help="Rebuild a run's queue from the database; continue it.")
 @click.argument("run_id", type=int)
-@click.option("--wait/--no-wait", default=False, help="Show progress until the run is done.")
+@click.option(
+    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
+)
 @click.option(
     "--stale-after",
     type=click.FloatRange(min=0),
@@ -670,7 +753,10 @@ def status(run_id: int | None) -> None:
 )
 @user_errors
 def resume(run_id: int, wait: bool, stale_after: float) -> None:
-    """Rebuild a run's queue from the database and continue it (after any failure)."""
+    """Rebuild a run's queue from the database and continue it (after any failure).
+
+    Example: orchestrator resume 1 --wait
+    """
     sf = sessions()
     with sf() as s:
         if run_progress(s, run_id) is None:
@@ -729,7 +815,9 @@ def report(
 
     No RUN_IDS: every run and candidate set stored. Each run is on the queries it finished,
     against the baseline on those queries cut at the run's K; exact McNemar p-values with
-    Newcombe intervals, Holm-adjusted over the table. Example: orchestrator report 1 2 --format csv
+    Newcombe intervals, Holm-adjusted over the table.
+
+    Example: orchestrator report 1 2 --format csv
     """
     if out is not None:
         prepare_out_dir(out)
@@ -809,7 +897,10 @@ def figures(
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
-    """Synthesize, ingest, import candidates, rerank pairwise and pointwise, report."""
+    """Synthesize, ingest, import candidates, rerank pairwise and pointwise, report.
+
+    Example: orchestrator demo --queries 100
+    """
     t0 = time.perf_counter()
     if not os.environ.get(DATABASE_URL_ENV):
         os.environ[DATABASE_URL_ENV] = f"sqlite:///{(directory / 'cvgl.sqlite3').resolve()}"
@@ -851,29 +942,23 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     )
 
 
-def worker_argv(
-    model: str,
-    gpu: int | None,
-    concurrency: int,
-    queue: str | None,
-    loglevel: str,
-    shards: int = 1,
-    shard: int | None = None,
-) -> list[str]:
-    """The ``celery worker`` command line for one model (and one GPU): queues and node name from the
-    model; with several per-GPU queues, this GPU's own first (``workers.queues.worker_queues``)."""
-    slug = model_slug(model)
-    node = f"vlm-{slug}" + (f"-gpu{gpu}" if gpu is not None else "") + "@%h"
-    home = shard if shard is not None else (gpu or 0)
-    queues = ",".join(worker_queues(queue or queue_for(model), shards, home))
-    return ["celery", "-A", "workers.app", "worker", "-Q", queues, "-P", "prefork",
-            "-c", str(concurrency), "-n", node, "-E", "--loglevel", loglevel]
-
-
 @cli.command(short_help="Start a judgment worker for one model.")
-@click.option("--model", default="simulated", show_default=True, help="Hub id or folder; the queue is vlm.<model>.")
-@click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPU index: sets CUDA_VISIBLE_DEVICES.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Pool processes (1 per GPU).")
+@click.option(
+    "--model", default="simulated", show_default=True, help="Hub id or folder; the queue is vlm.<model>."
+)
+@click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPU index: sets CUDA_VISIBLE_DEVICES (default: left as it is).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Pool processes (1 per GPU).",
+)
 @click.option("--queue", default=None, help="Override the queue (default vlm.<model>).")
 @click.option(
     "--shard",
@@ -881,23 +966,32 @@ def worker_argv(
     default=None,
     help="With CVGL_VLM_SHARDS > 1: this worker's own queue vlm.<model>.<shard> (default: --gpu, or 0).",
 )
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--loglevel", default="INFO", show_default=True, help='Celery\'s log level (INFO prints "ready").'
+)
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors
 def worker(
-    model: str, gpu: int | None, concurrency: int, queue: str | None, shard: int | None, loglevel: str, dry_run: bool
+    model: str,
+    gpu: int | None,
+    concurrency: int,
+    queue: str | None,
+    shard: int | None,
+    loglevel: str,
+    dry_run: bool,
 ) -> None:
-    """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host."""
-    argv = worker_argv(model, gpu, concurrency, queue, loglevel, vlm_shards(), shard)
-    env_note = f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else ""
+    """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host.
+
+    Runs `celery -A workers.app worker` with this command's settings; --dry-run prints that
+    command line instead.
+
+    Example: orchestrator worker --model llava-hf/llava-1.5-7b-hf --gpu 0
+    """
+    job = launch.judgment_worker(model, gpu, concurrency, queue, shard, loglevel)
     if dry_run:
-        click.echo(env_note + " ".join(argv))
+        click.echo(job.shell())
         return
-    if is_embedded():
-        raise click.ClickException("set CVGL_BROKER_URL (and CVGL_DATABASE_URL): a separate worker needs Redis")
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    os.execvp(argv[0], argv)
+    job.exec()
 
 
 @cli.command(short_help="Start the coordination worker.")
@@ -909,21 +1003,24 @@ def worker(
     help="Processes. One (the default, a solo pool) keeps each open query's judgments between rounds; "
     "more (a prefork pool) stay correct but re-read more.",
 )
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--loglevel", default="INFO", show_default=True, help='Celery\'s log level (INFO prints "ready").'
+)
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors
 def coordinator(concurrency: int, loglevel: str, dry_run: bool) -> None:
-    """Start the coordination worker (replays strategies as verdicts arrive)."""
-    # One process runs its tasks itself (solo): prefork would hand each task to a child.
-    pool = ["-P", "solo"] if concurrency == 1 else ["-P", "prefork", "-c", str(concurrency)]
-    argv = ["celery", "-A", "orchestrator.tasks", "worker", "-Q", COORDINATION_QUEUE, *pool,
-            "-n", "coordinator@%h", "-E", "--loglevel", loglevel]
+    """Start the coordination worker (replays strategies as verdicts arrive).
+
+    Runs `celery -A orchestrator.tasks worker -Q coordination` with this command's settings;
+    --dry-run prints that command line instead.
+
+    Example: orchestrator coordinator --dry-run
+    """
+    job = launch.coordinator(concurrency, loglevel)
     if dry_run:
-        click.echo(" ".join(argv))
+        click.echo(job.shell())
         return
-    if is_embedded():
-        raise click.ClickException("set CVGL_BROKER_URL (and CVGL_DATABASE_URL): a separate worker needs Redis")
-    os.execvp(argv[0], argv)
+    job.exec()
 
 
 def _split(value: str) -> list[str]:

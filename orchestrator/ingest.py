@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from db.models import Dataset, GroundTruth, Query, Tile
 from db.queries import chunked
 from db.upsert import insert_ignore
-from orchestrator.vigor import VigorData
+from orchestrator.vigor import VigorData, read_vigor
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ def ensure_dataset(s: Session, root: Path) -> int:
 
 def name_to_id(s: Session, model: type[Tile] | type[Query], dataset_id: int) -> dict[str, int]:
     return dict(s.execute(select(model.name, model.id).where(model.dataset_id == dataset_id)).all())
+
+
+def ingest_directory(
+    s: Session, root: str | Path, split: str = "cross-area", cities: list[str] | None = None
+) -> IngestSummary:
+    """Read the VIGOR dataset at ``root`` (``split``, ``cities``: default its test cities) and store it."""
+    return ingest(s, root, read_vigor(root, split, cities))
 
 
 def ingest(s: Session, root: str | Path, data: VigorData) -> IngestSummary:

@@ -19,7 +19,6 @@ correct. Both caches are bounded (least recently used out) and shared by the thr
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -33,12 +32,8 @@ from db.engine import database_of
 from db.models import FAILED, PENDING
 from db.queries import candidate_lists, finished_rows, judgment_rows
 from db.row_cache import ImmutableRowsCache
+from db.settings import settings
 from orchestrator.strategies.base import pairwise_value
-
-# Queries whose judgments one coordinator process keeps (about 10 kB each at most, for K=20). A run
-# with more queries open at once still runs correctly, re-reading what falls out.
-CACHE_QUERIES_ENV = "CVGL_COORDINATOR_CACHE_QUERIES"
-DEFAULT_CACHE_QUERIES = 20_000
 
 # Stage-1 top-k tile ids per (candidate set, k) and query: candidate lists never change.
 CANDIDATES: ImmutableRowsCache[list[int]] = ImmutableRowsCache(
@@ -93,9 +88,18 @@ class JudgmentCache:
     """Per (run, query): the outcomes and pending row ids this process has read or written."""
 
     def __init__(self, max_queries: int | None = None) -> None:
-        self.max_queries = max_queries or int(os.environ.get(CACHE_QUERIES_ENV, DEFAULT_CACHE_QUERIES))
+        self._max_queries = max_queries
         self._states: OrderedDict[tuple[RunKey, int], QueryJudgments] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def max_queries(self) -> int:
+        """Queries whose judgments this process keeps (about 10 kB each at most, for K=20): the
+        given bound, else ``CVGL_COORDINATOR_CACHE_QUERIES``, read when first needed, not at import.
+        A run with more queries open at once still runs correctly, re-reading what falls out."""
+        if self._max_queries is None:
+            self._max_queries = settings().coordinator_cache_queries
+        return self._max_queries
 
     def view(
         self, s: Session, run: RunKey, kind: str, probabilities: bool, query_ids: Sequence[int]
@@ -136,7 +140,8 @@ class JudgmentCache:
             for q, st in loaded.items():
                 self._states[(run, q)] = st
                 self._states.move_to_end((run, q))
-            while len(self._states) > self.max_queries:
+            limit = self.max_queries
+            while len(self._states) > limit:
                 self._states.popitem(last=False)
         return loaded
 

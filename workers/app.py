@@ -1,17 +1,18 @@
 """The Celery app (``celery -A workers.app worker -Q vlm.<model>``) and its settings.
 
-The one place that reads ``CVGL_BROKER_URL``. Unset means the embedded default: kombu's
-in-process ``memory://`` transport, served by a worker thread the CLI starts itself.
-Results live in the database, so there is no result backend. Imports only ``db`` of ours.
+The broker comes from the settings (``CVGL_BROKER_URL`` or ``--broker-url``). Unset means the
+embedded default: kombu's in-process ``memory://`` transport, served by a worker thread the CLI
+starts itself. Results live in the database, so there is no result backend. Imports only ``db`` of
+ours. The settings are read when Celery first needs its configuration, not at import: a bad
+``CVGL_*`` value is then reported by the command that reads it, not as an import traceback.
 """
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from celery.signals import worker_process_init
 
+from db.settings import Settings, settings
 from workers.queues import COORDINATION_QUEUE, TASK_ROUTES
 
 BROKER_URL_ENV = "CVGL_BROKER_URL"
@@ -25,7 +26,7 @@ EMBEDDED_BROKER = "memory://localhost/"
 
 
 def broker_url() -> str:
-    return os.environ.get(BROKER_URL_ENV, "").strip() or EMBEDDED_BROKER
+    return settings().broker_url or EMBEDDED_BROKER
 
 
 def is_embedded() -> bool:
@@ -38,14 +39,14 @@ def visibility_timeout() -> float:
 
     Must exceed the longest batch (with prefetch 1, one waiting message ages too); tests set it low.
     """
-    return float(os.environ.get("CVGL_VISIBILITY_TIMEOUT", "7200"))
+    return settings().visibility_timeout
 
 
-def _transport_options() -> dict:
-    v = visibility_timeout()
-    restore = float(os.environ.get("CVGL_UNACKED_RESTORE_INTERVAL", "10"))
-    return {
-        "visibility_timeout": v,
+def _from_settings(s: Settings) -> dict:
+    """The part of the Celery configuration the settings decide."""
+    restore = s.unacked_restore_interval
+    transport = {
+        "visibility_timeout": s.visibility_timeout,
         # kombu 5.7: how often expired unacked messages are swept back (default 10 s, every 10th tick).
         "unacked_restore_interval": restore,
         "unacked_restore_throttle": restore,
@@ -53,13 +54,19 @@ def _transport_options() -> dict:
         # others only when it is empty (workers/queues.py). The default rotates them.
         "queue_order_strategy": "priority",
     }
+    return {
+        "broker_url": s.broker_url or EMBEDDED_BROKER,
+        "broker_transport_options": transport,
+        "visibility_timeout": s.visibility_timeout,
+        # Give late-ack messages a chance to go back to the queue on a warm shutdown.
+        "worker_soft_shutdown_timeout": s.soft_shutdown_timeout,
+    }
 
 
 # The tasks every worker of this app serves, imported when a worker starts (workers/queues.py names
 # them). The coordinator's task is defined in orchestrator/tasks.py, the app its workers run.
 app = Celery("cvgl", include=["workers.tasks", "workers.retrieval.tasks"])
 app.conf.update(
-    broker_url=broker_url(),
     # JSON only: pickle would let anyone who can write to Redis run code in the workers.
     task_serializer="json",
     result_serializer="json",
@@ -75,18 +82,31 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     # After a broker blip a late-ack task would otherwise keep running and also be redelivered.
     worker_cancel_long_running_tasks_on_connection_loss=True,
-    broker_transport_options=_transport_options(),
-    visibility_timeout=visibility_timeout(),
     broker_connection_retry_on_startup=True,
     task_default_queue=COORDINATION_QUEUE,
     task_routes={name: {"queue": queue} for name, queue in TASK_ROUTES.items()},
     task_create_missing_queues=True,
     worker_send_task_events=True,
     task_send_sent_event=True,
-    # Give late-ack messages a chance to go back to the queue on a warm shutdown.
-    worker_soft_shutdown_timeout=float(os.environ.get("CVGL_SOFT_SHUTDOWN_TIMEOUT", "10")),
     worker_hijack_root_logger=False,
 )
+
+
+@app.on_configure.connect
+def _configure_from_settings(sender: Celery, **_kwargs) -> None:
+    sender.conf.update(_from_settings(settings()))
+
+
+def use_current_settings() -> None:
+    """Point an already configured app at the broker the settings name now: the CLI calls it
+    after its options, and one process (a test) may run commands against different brokers."""
+    if not app.configured:
+        return  # the on_configure hook reads the settings when the configuration is first needed
+    wanted = _from_settings(settings())
+    if all(app.conf.get(k) == v for k, v in wanted.items()):
+        return
+    app.conf.update(wanted)
+    app._after_fork()  # drops the connection and producer pools opened for the old broker
 
 
 import workers.control  # noqa: E402,F401  (registers the `inspect gpu` command and the served counter)

@@ -21,6 +21,8 @@ from typing import Any
 from celery.signals import worker_init, worker_shutdown
 from celery.worker.control import inspect_command
 
+from db.settings import settings
+
 MAIN_PID_ENV = "CVGL_WORKER_MAIN_PID"
 _lock = threading.Lock()
 _served = 0
@@ -39,7 +41,7 @@ def _remove_status_dir(**_kwargs: Any) -> None:
 
 
 def status_dir(main_pid: int | None = None) -> Path:
-    pid = main_pid if main_pid is not None else int(os.environ.get(MAIN_PID_ENV, os.getpid()))
+    pid = main_pid if main_pid is not None else (settings().worker_main_pid or os.getpid())
     return Path(tempfile.gettempdir()) / f"cvgl-worker-{pid}"
 
 
@@ -66,7 +68,7 @@ def record_served(n: int, judges: list[dict[str, str]]) -> None:
         status = {"pid": os.getpid(), "judges": judges, "judgments_served": _served, "gpu": gpu_memory()}
     folder = status_dir()
     try:
-        if not folder.exists() and MAIN_PID_ENV not in os.environ:
+        if not folder.exists() and settings().worker_main_pid is None:
             # No Celery worker around this process (the embedded runner): it owns the folder.
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)

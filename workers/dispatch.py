@@ -10,23 +10,20 @@ hung GPU) is sent again and its judgments are taken one at a time, as after a cr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from db.queries import RunInfo, chunked
+from db.settings import settings
 from workers.app import app
 from workers.queues import JUDGE_TASKS, shard_of, shard_queue
 
-TIME_LIMIT_BASE_ENV = "CVGL_TASK_TIME_LIMIT_BASE"
-TIME_LIMIT_PER_JUDGMENT_ENV = "CVGL_JUDGMENT_TIME_LIMIT"
 
 
 def time_limit(n_judgments: int) -> float:
     """Seconds a task of ``n_judgments`` may run before its worker process is stopped."""
-    base = float(os.environ.get(TIME_LIMIT_BASE_ENV, "") or 1800)
-    per = float(os.environ.get(TIME_LIMIT_PER_JUDGMENT_ENV, "") or 60)
-    return base + per * n_judgments
+    current = settings()
+    return current.task_time_limit_base + current.judgment_time_limit * n_judgments
 
 
 def run_shards(params: Mapping[str, Any] | None) -> int:

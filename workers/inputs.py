@@ -8,7 +8,6 @@ them once and keeps them: a bounded per-process cache, least recently used out.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
@@ -17,9 +16,8 @@ from sqlalchemy.orm import Session
 
 from db.queries import QueryFacts, RunInfo, pending_judgments, query_facts, run_info
 from db.row_cache import ImmutableRowsCache
+from db.settings import settings
 
-CACHE_QUERIES_ENV = "CVGL_WORKER_CACHE_QUERIES"
-DEFAULT_CACHE_QUERIES = 50_000
 UNRANKED = 10**6  # the stage-1 rank of a tile outside the candidate list
 _NOT_A_CANDIDATE = (None, None, UNRANKED)  # (name, path, rank) of such a tile
 
@@ -61,9 +59,9 @@ class JudgmentInput(NamedTuple):
 
 
 # (candidate set, query) -> the query's facts.
-FACTS: ImmutableRowsCache[QueryFacts] = ImmutableRowsCache(
-    query_facts, max_items=int(os.environ.get(CACHE_QUERIES_ENV, DEFAULT_CACHE_QUERIES))
-)
+# Its bound (CVGL_WORKER_CACHE_QUERIES) is set on first use, not at import: a bad value is then
+# reported by the command or task that reads the settings, not as an import traceback.
+FACTS: ImmutableRowsCache[QueryFacts] = ImmutableRowsCache(query_facts, max_items=0)
 
 
 def judgment_inputs(
@@ -77,6 +75,8 @@ def judgment_inputs(
     by_run: dict[int, list] = {}
     for row in rows:
         by_run.setdefault(row[1], []).append(row)
+    if not FACTS.max_items:  # the first use in this process
+        FACTS.max_items = settings().worker_cache_queries
     out = []
     for run_id, group in by_run.items():
         if run_id not in runs:

@@ -12,14 +12,14 @@ Every Celery task is named here, beside the queue it travels on: definitions (``
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
+
+from db.settings import settings
 
 COORDINATION_QUEUE = "coordination"
 RETRIEVAL_QUEUE = "retrieval"
 VLM_PREFIX = "vlm."
-SHARDS_ENV = "CVGL_VLM_SHARDS"
 
 # The coordinator's task (defined in orchestrator/tasks.py: workers send it by name, never import it).
 ADVANCE_TASK = "cvgl.advance"
@@ -57,14 +57,7 @@ def queue_for(model: str) -> str:
 
 def vlm_shards() -> int:
     """Per-GPU queues per model, from ``CVGL_VLM_SHARDS`` (default 1: one shared queue)."""
-    raw = os.environ.get(SHARDS_ENV, "").strip()
-    try:
-        shards = int(raw) if raw else 1
-    except ValueError:
-        raise ValueError(f"{SHARDS_ENV} must be a whole number, got {raw!r}") from None
-    if shards < 1:
-        raise ValueError(f"{SHARDS_ENV} must be at least 1, got {shards}")
-    return shards
+    return settings().vlm_shards
 
 
 def shard_of(query_id: int, shards: int) -> int:

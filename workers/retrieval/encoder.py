@@ -31,14 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from db.settings import settings
 from workers.retrieval.data import child_processes_allowed, make_loader, normalize
 from workers.retrieval.store import file_sha256
 
 log = logging.getLogger(__name__)
 
-DEVICE_ENV = "CVGL_RETRIEVAL_DEVICE"  # auto (default), cpu, cuda, cuda:1, ...
-PRECISION_ENV = "CVGL_RETRIEVAL_PRECISION"  # on CUDA: bf16 (default), fp16 (Sample4Geo's autocast), fp32
-LOADER_WORKERS_ENV = "CVGL_RETRIEVAL_LOADER_WORKERS"
+# Named in errors; read through db.settings (auto, cpu, cuda, cuda:1 / bf16, fp16, fp32).
+DEVICE_ENV = "CVGL_RETRIEVAL_DEVICE"
+PRECISION_ENV = "CVGL_RETRIEVAL_PRECISION"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -147,7 +148,7 @@ def load_sample4geo_checkpoint(model: Sample4GeoModel, path: str | Path, model_n
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    name = (requested or os.environ.get(DEVICE_ENV, "") or "auto").strip().lower()
+    name = (requested or settings().retrieval_device).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -160,9 +161,9 @@ def loader_workers(requested: int | None = None) -> int:
     """Decode processes per shard: ``CVGL_RETRIEVAL_LOADER_WORKERS``, else all cores but one (max 16)."""
     if requested is not None:
         return max(0, requested)
-    env = os.environ.get(LOADER_WORKERS_ENV, "").strip()
-    if env:
-        return max(0, int(env))
+    configured = settings().retrieval_loader_workers
+    if configured is not None:
+        return configured
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(16, cores - 1))
 
@@ -224,7 +225,7 @@ class Encoder:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        name = (precision or os.environ.get(PRECISION_ENV, "") or "bf16").strip().lower()
+        name = (precision or settings().retrieval_precision).strip().lower()
         if name not in _DTYPES:
             raise ValueError(f"{PRECISION_ENV}={name!r}; choose one of {', '.join(_DTYPES)}")
         # CPU autocast in bf16 is slow on most CPUs and changes the numbers: fp32 there.
