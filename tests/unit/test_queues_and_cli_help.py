@@ -1,4 +1,4 @@
-"""Queue names, and a CLI whose help and README agree."""
+"""Queue names, and a CLI whose help, README and docs agree."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
+from tests.doc_blocks import blocks, doc_files
 from workers.queues import (
     ADVANCE_TASK,
     JUDGE_TASKS,
@@ -141,11 +142,44 @@ def test_the_help_check_finds_a_missing_example_and_a_hidden_default():
         del cli.commands["bare"]
 
 
-def test_commands_named_in_the_readme_exist():
-    text = README.read_text()
-    named = set(re.findall(r"`orchestrator ([a-z][a-z-]+)", text))
-    assert named, "README names no command"
-    assert named <= set(cli.commands), named - set(cli.commands)
+def test_commands_named_in_the_readme_and_docs_exist():
+    readme = set(re.findall(r"`orchestrator ([a-z][a-z-]+)", README.read_text()))
+    assert readme, "README names no command"
+    # The README's command table lists every command.
+    assert set(cli.commands) <= readme, set(cli.commands) - readme
+    for path in doc_files():
+        text = path.read_text()
+        named = set(re.findall(r"`orchestrator ([a-z][a-z-]+)", text))
+        for b in blocks(path):
+            named |= set(re.findall(r"(?:^\s*|\$\()orchestrator ([a-z][a-z-]+)", b.text, flags=re.M))
+        assert named <= set(cli.commands), (path.name, named - set(cli.commands))
+
+
+def _dry_run(*args: str) -> str:
+    out = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert out.exit_code == 0, out.output
+    return out.output.strip()
+
+
+def test_documented_celery_workers_are_what_the_cli_starts():
+    """Every `celery ... worker` line of the docs logs at INFO (so its "ready." line shows), and a
+    judgment or coordination worker's line is exactly what `orchestrator worker|coordinator
+    --dry-run` prints for it."""
+    lines = [
+        (b.where, re.sub(r"\s*(#.*)?$", "", line).removesuffix("&").strip())
+        for path in doc_files()
+        for b in blocks(path)
+        for line in b.text.splitlines()
+        if re.search(r"\bcelery -A \S+ worker\b", line)
+    ]
+    assert len(lines) >= 3, lines
+    for where, line in lines:
+        assert "--loglevel INFO" in line, (where, line)
+        if " -Q coordination " in line:
+            assert line == _dry_run("coordinator"), where
+        elif node := re.search(r" -n vlm-(?P<slug>[\w.-]+?)(?:-gpu(?P<gpu>\d+))?@%h", line):
+            gpu = ["--gpu", node["gpu"]] if node["gpu"] else []
+            assert line == _dry_run("worker", "--model", node["slug"], *gpu), where
 
 
 def test_a_query_always_has_the_same_gpu_queue_and_queries_spread_over_them():

@@ -1,15 +1,28 @@
-"""Every SQL block of docs/sql.md, on SQLite and on PostgreSQL, over a small real experiment.
+"""Every ``bash`` and ``sql`` block of README.md and docs/*.md, run as written.
 
-The experiment runs in this process through the CLI (embedded mode: no broker; the same code on
-either database). Each block is sent to the database as written; its numbers are checked against
-``orchestrator report --format json`` where the report has them, and against counts from plain
-SELECTs where it has not. A block that only one of the two databases accepts fails here.
+Shell: each file's ``bash`` blocks run in order, each with ``bash -euo pipefail``, in one temporary
+folder that stands for a checkout: its ``.venv`` is this interpreter's environment, so
+``. .venv/bin/activate``, ``orchestrator`` and ``celery`` resolve as they do for a user, on this
+checkout's code (PYTHONPATH). Without CVGL_* settings the blocks run on the embedded default in that
+folder. A block marked just above with ``<!-- docs-test: services -->`` runs with CVGL_DATABASE_URL
+and CVGL_BROKER_URL on this test's PostgreSQL and Redis, with a simulated-judge worker and the
+coordinator running; ``<!-- docs-test: skip (reason) -->`` is not run (long-running services,
+installs) and must say why.
+
+SQL: every block of docs/sql.md, on SQLite and on PostgreSQL, over a small real experiment run in
+this process through the CLI (embedded mode: no broker; the same code on either database). Each
+block is sent to the database as written; its numbers are checked against ``orchestrator report
+--format json`` where the report has them, and against counts from plain SELECTs where it has not.
+A block that only one of the two databases accepts fails here. The SQL of the other pages runs too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,6 +36,7 @@ from sqlalchemy import create_engine, select
 
 from db.models import Candidate, GroundTruth, PairwiseVerdict, PointwiseScore, Query, Ranking, Run, RunQuery
 from orchestrator.cli import cli as orchestrator_cli
+from tests.doc_blocks import Block, blocks, doc_files, stray_marks
 from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -33,13 +47,93 @@ N_BLOCKS = 9  # a new block needs its check below
 
 
 def sql_blocks(path: Path = DOC) -> list[str]:
-    return re.findall(r"```sql\n(.*?)```", path.read_text(), flags=re.S)
+    return [b.text for b in blocks(path) if b.lang == "sql"]
 
 
 def other_docs_sql() -> list[str]:
     """SQL the README and the other docs show outside docs/sql.md (now: the retrieval view)."""
-    paths = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p != DOC)]
-    return [sql for p in paths for sql in sql_blocks(p)]
+    return [sql for p in doc_files() if p != DOC for sql in sql_blocks(p)]
+
+
+# -- shell blocks
+
+
+def shell_blocks(path: Path) -> list[Block]:
+    return [b for b in blocks(path) if b.lang == "bash"]
+
+
+SHELL_DOCS = [p for p in doc_files() if any(b.mark != "skip" for b in shell_blocks(p))]
+
+
+def test_marks_are_known_and_skips_say_why():
+    for path in doc_files():
+        assert not stray_marks(path), f"a docs-test mark not right above a block: {stray_marks(path)}"
+        for b in blocks(path):
+            if b.mark is None:
+                continue
+            assert b.lang == "bash", f"{b.where}: only bash blocks are run, so only they take a mark"
+            assert b.mark in ("skip", "services"), f"{b.where}: unknown mark {b.mark!r}"
+            if b.mark == "skip":
+                assert b.reason and len(b.reason.split()) >= 2, f"{b.where}: a skip says why"
+    # The services walkthrough and the demo are among the blocks that run.
+    running = [b for p in SHELL_DOCS for b in shell_blocks(p) if b.mark != "skip"]
+    assert any(b.mark == "services" for b in running)
+    assert any(re.search(r"^orchestrator demo\b", b.text, flags=re.M) for b in running)
+
+
+def _checkout(folder: Path) -> None:
+    """Make FOLDER look like a checkout with its environment in .venv: this interpreter's."""
+    venv = folder / ".venv"
+    if sys.prefix != sys.base_prefix:
+        venv.symlink_to(sys.prefix)
+    else:  # no virtual environment: an activate script that puts this interpreter first
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+
+
+def _block_env(base: dict[str, str], folder: Path) -> dict[str, str]:
+    env = dict(base)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO)  # this checkout's code, whatever the environment has installed
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("CVGL_HOME", str(folder / "cvgl-home"))
+    return env
+
+
+@pytest.mark.parametrize("path", SHELL_DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shell_blocks_run_as_written(path, tmp_path, request):
+    folder = tmp_path / "checkout"
+    folder.mkdir()
+    _checkout(folder)
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("CVGL_")}
+    services = None
+    for block in shell_blocks(path):
+        if block.mark == "skip":
+            continue
+        if block.mark == "services":
+            if services is None:
+                start = request.getfixturevalue("workers")
+                start(["coordination"], "coordinator")
+                start(["vlm.simulated"], "vlm-simulated", app="workers.app")
+                services = request.getfixturevalue("stack_env")
+            env = _block_env(services, folder)
+        else:
+            env = _block_env(plain, folder)
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block.text],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (
+            f"{block.where} exited {proc.returncode}:\n{block.text}"
+            f"--- stdout (end)\n{proc.stdout[-3000:]}\n--- stderr (end)\n{proc.stderr[-3000:]}"
+        )
+
+
+# -- sql blocks
 
 
 def test_every_block_is_one_portable_statement_without_hard_coded_ids():
@@ -310,6 +404,6 @@ def test_sql_docs_on_both_databases(database, tmp_path):
         # The report rounds judge seconds to the microsecond.
         assert row["judge_seconds_per_query"] == pytest.approx(c["gpu_seconds_per_query"], abs=5e-7)
 
-    # The SQL shown elsewhere (the retrieval view in the README) runs on this database too.
+    # The SQL shown elsewhere (the retrieval view in docs/retrieval.md) runs on this database too.
     for sql in other_docs_sql():
         assert len(_execute(database, sql)) == len(report["retrieval"]) == 0
