@@ -1,6 +1,6 @@
 """Measure GPU judging on this host, in one command: micro-benchmarks per family, then Table 1 end to end.
 
-    benchmarks/gpu/run.sh [--wheels DIR] [--out FILE]     # on a GPU host (see README, "GPU hosts")
+    benchmarks/gpu/run.sh [--wheels DIR] [--out FILE]     # on a GPU host (see docs/performance.md, "GPU hosts")
     benchmarks/gpu/run.sh --cpu-smoke                    # the same path, tiny shapes, CPU, < 1 minute
 
 1. Environment: versions, the device, a bf16 matrix-product rate.
