@@ -179,6 +179,56 @@ def admitted_queries(session: Session, run_id: int, window: int, kind: str | Non
     return sorted(session.connection().scalars(stmt))
 
 
+def candidate_sets(session: Session) -> list[CandidateSet]:
+    """Every candidate set, by id."""
+    return list(session.scalars(select(CandidateSet).order_by(CandidateSet.id)))
+
+
+def candidate_set_named(session: Session, name: str) -> CandidateSet | None:
+    return session.scalar(select(CandidateSet).where(CandidateSet.name == name))
+
+
+def query_names(session: Session, candidate_set_id: int) -> dict[str, int]:
+    """``query name -> id`` of the queries the candidate set ranks."""
+    c = Candidate.__table__
+    stmt = (
+        select(Query.name, Query.id)
+        .join(c, c.c.query_id == Query.id)
+        .where(c.c.candidate_set_id == candidate_set_id, c.c.rank == 1)
+    )
+    return dict(session.execute(stmt).all())
+
+
+def add_run_queries(session: Session, run_id: int, query_ids: Sequence[int]) -> None:
+    insert_ignore(
+        session, RunQuery.__table__, [{"run_id": run_id, "query_id": q} for q in query_ids], key=["run_id", "query_id"]
+    )
+
+
+def run_query_counts(session: Session, run_id: int) -> tuple[int, int]:
+    """The run's queries, and how many of them are finished."""
+    total, done = session.execute(
+        select(func.count(), func.count(RunQuery.done_at)).where(RunQuery.run_id == run_id)
+    ).one()
+    return total, done
+
+
+def run_judgment_counts(session: Session, run_id: int) -> dict[str, int]:
+    """The run's judgments: ``pending``, ``done``, ``failed`` and ``reused`` (among the done: copied
+    from an earlier run). One pass over each table's rows of the run."""
+    counts = {"pending": 0, "done": 0, "failed": 0, "reused": 0}
+    for model in JUDGMENT_MODELS.values():
+        row = session.execute(
+            select(
+                *(func.count().filter(model.status == status) for status in (PENDING, DONE, FAILED)),
+                func.count(model.reused_from_id),
+            ).where(model.run_id == run_id)
+        ).one()
+        for name, n in zip(counts, row, strict=True):
+            counts[name] += n or 0
+    return counts
+
+
 def run_is_running(session: Session, run_id: int) -> bool:
     """True while the run is neither done nor cancelled. On PostgreSQL the run's row is share-locked
     until the transaction ends, so a ``cancel_run`` waits for a replay that read it, and a replay
@@ -189,25 +239,26 @@ def run_is_running(session: Session, run_id: int) -> bool:
     return session.scalar(stmt) == RUN_RUNNING
 
 
-def cancel_run(session: Session, run_id: int) -> str | None:
+def cancel_run(session: Session, run_id: int) -> tuple[str | None, int]:
     """Cancel a running run: its status becomes 'cancelled' and its pending judgments are closed as
     failed ("run cancelled"), so no worker takes them (a worker holding one stores nothing: results
-    are stored only on pending rows). Returns the status the run had (None: no such run); only a
-    'running' run changes."""
+    are stored only on pending rows). Returns the status the run had (None: no such run) and the
+    judgments closed; only a 'running' run changes."""
     status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update())
     if status != RUN_RUNNING:
-        return status
+        return status, 0
+    closed = 0
     at = now()
     session.execute(
         update(Run).where(Run.id == run_id, Run.status == RUN_RUNNING).values(status=RUN_CANCELLED, finished_at=at)
     )
     for model in JUDGMENT_MODELS.values():
-        session.execute(
+        closed += session.execute(
             update(model)
             .where(model.run_id == run_id, model.status == PENDING)
             .values(status=FAILED, error=CANCELLED_ERROR, finished_at=at, lease_until=None)
-        )
-    return status
+        ).rowcount
+    return status, closed
 
 
 CANCELLED_ERROR = "run cancelled"

@@ -42,7 +42,13 @@ def stale(
     rows of ``id`` and ``columns``. ``queued()``: the task ids the broker holds, asked after the
     rows are read, so that an item sent or taken meanwhile is found in the broker."""
     stmt = (
-        select(table.c.id, *(table.c[c] for c in columns), table.c.task_id, table.c.leased_by, table.c.lease_until)
+        select(
+            table.c.id,
+            *(table.c[c] for c in columns),
+            table.c.task_id,
+            table.c.leased_by,
+            table.c.lease_until,
+        )
         .where(where, table.c.status == PENDING)
         .order_by(*order_by, table.c.id)
     )
@@ -75,5 +81,11 @@ def stale_judgments(
 def stale_shards(session: Session, retrieval_run_id: int, queued: Callable[[], Container[str]]) -> list[int]:
     """Ids of the retrieval run's stale shards: queries before tiles, by shard index."""
     t = EmbeddingShard.__table__
-    rows = stale(session, t, t.c.retrieval_run_id == retrieval_run_id, queued, order_by=(t.c.kind.desc(), t.c.shard_index))
+    rows = stale(
+        session,
+        t,
+        t.c.retrieval_run_id == retrieval_run_id,
+        queued,
+        order_by=(t.c.kind.desc(), t.c.shard_index),
+    )
     return [r.id for r in rows]

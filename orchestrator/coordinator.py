@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
+from db.models import RUN_CANCELLED, RUN_DONE
 from db.queries import (
     RunInfo,
     add_pending,
@@ -42,7 +43,6 @@ from db.queries import (
     run_is_running,
     write_rankings,
 )
-from db.models import RUN_CANCELLED, RUN_DONE
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
 from orchestrator.replay_cache import JUDGMENTS, QueryJudgments, RunKey, cached_candidate_lists, run_key
 from orchestrator.strategies.base import Done, Strategy, get_strategy, pairwise_value

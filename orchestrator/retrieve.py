@@ -393,3 +393,42 @@ def describe(p: RetrievalProgress, metrics: dict[str, Any]) -> list[str]:
             f"hit rate {metrics['hit_rate']:.2f}"
         )
     return lines
+
+
+def run_retrieval(
+    sf: sessionmaker[Session], spec: RetrieveSpec, wait: bool, note: Callable[[str], object]
+) -> list[str]:
+    """``orchestrator retrieve``: store (or resume) the run, send its stale shards and, with ``wait``
+    (always, embedded), follow it until the top-K is stored. ``note``: says what is worth a warning
+    before the wait. Returns the lines to print.
+
+    Raises:
+        RetrieveError, RetrievalFailed.
+    """
+    from workers.app import is_embedded
+
+    with sf.begin() as s:
+        prepared = create_or_resume(s, spec)
+    if spec.random_init:
+        note(f"warning: --random-init: {spec.name!r} embeds with untrained weights (seed {spec.seed})")
+    if not prepared.created and prepared.status != RETRIEVAL_DONE:
+        note(f"resuming retrieval run {spec.name!r} (id {prepared.run_id}): stored shards are kept")
+    if prepared.status == RETRIEVAL_DONE:
+        pass
+    elif is_embedded():
+        from orchestrator.embedded import embedded_worker
+
+        with embedded_worker([RETRIEVAL_QUEUE]):
+            enqueue(sf, prepared.run_id)
+            wait_for_retrieval(sf, prepared.run_id)
+    else:
+        sent = enqueue(sf, prepared.run_id)
+        if not wait:
+            return [f"retrieval run {spec.name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`"]
+        from orchestrator.drive import stall_seconds
+
+        wait_for_retrieval(
+            sf, prepared.run_id, on_stall=lambda: enqueue(sf, prepared.run_id), stall_seconds=stall_seconds()
+        )
+    with sf() as s:
+        return describe(retrieval_progress(s, prepared.run_id), run_summary(s, prepared.run_id))
