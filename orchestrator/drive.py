@@ -122,7 +122,8 @@ def watch_run(sf: sessionmaker[Session], run_id: int) -> RunProgress:
         RunCancelled: the run is (or becomes) cancelled.
         Interrupted: Ctrl-C.
     """
-    _known(sf, run_id)
+    if _known(sf, run_id) == RUN_CANCELLED:
+        raise RunCancelled(f"run {run_id} was cancelled")
     embedded = is_embedded()
     seconds = EMBEDDED_STALL_SECONDS if embedded else stall_seconds()
     nothing = "no process serves it (embedded: its worker runs inside `submit --wait` or `resume --wait`)"
@@ -172,10 +173,13 @@ def summary(p: RunProgress) -> str:
     )
 
 
-def _known(sf: sessionmaker[Session], run_id: int) -> None:
+def _known(sf: sessionmaker[Session], run_id: int) -> str:
+    """The run's status. Raises UnknownRun."""
     with sf() as s:
-        if s.get(Run, run_id) is None:
+        run = s.get(Run, run_id)
+        if run is None:
             raise UnknownRun(f"run {run_id} does not exist")
+        return run.status
 
 
 def _ended(p: RunProgress) -> RunProgress:
@@ -198,8 +202,10 @@ def _drive(
             with sf() as s:
                 run = s.get(Run, run_id)
                 queues = run_queues(run.queue, run_shards(run.params))
+            # Sent before the worker starts: a message on the in-process queue is then still there
+            # when ``reconcile`` looks for it, not half taken by the worker.
+            start()
             with embedded_worker(queues):
-                start()
                 return _ended(
                     wait_for_run(
                         sf,

@@ -418,8 +418,8 @@ def run_retrieval(
     elif is_embedded():
         from orchestrator.embedded import embedded_worker
 
+        enqueue(sf, prepared.run_id)  # before the worker starts, as in orchestrator/drive.py
         with embedded_worker([RETRIEVAL_QUEUE]):
-            enqueue(sf, prepared.run_id)
             wait_for_retrieval(sf, prepared.run_id)
     else:
         sent = enqueue(sf, prepared.run_id)
