@@ -54,6 +54,7 @@ _USER_ERRORS = (
     RunStalled,
     RunCancelled,
     drive.BrokerUnreachable,
+    stage1.RetrievalFailed,
     ValueError,
     KeyError,
     FileNotFoundError,

@@ -5,7 +5,7 @@ cities) and every query panorama, in shards of ``shard_size`` images; each shard
 ``cvgl.embed_shard`` task on the ``retrieval`` queue and one float16 .npy file. When no shard is
 left pending, a worker runs ``cvgl.rank_candidates``, which stores the top-K tiles per query as a
 candidate set named like the run (``source='retrieval'``) that ``submit --candidates NAME``
-reranks. Running the same command again resumes: stored shards are kept, the rest re-enqueued.
+reranks. Running the same command again resumes: stored shards are kept, stale ones sent again.
 
 Imports ``db`` and the torch-free parts of ``workers``; tasks are sent by name.
 """

@@ -73,7 +73,7 @@ def test_cancel_closes_pending_judgments_and_is_safe_twice(stored):
     status = run("status", str(run_id))
     assert status.output.splitlines()[1].split()[1] == "cancelled"
     # A worker delivered one of them judges nothing; the coordinator creates nothing new.
-    assert judge_pairwise.apply(args=[pending]).get() == 0
+    assert judge_pairwise.apply(args=[pending]).result == 0
     before = len(_judgments(run_id))
     assert advance(run_id, sessions=session_factory()).new_judgments == 0
     assert len(_judgments(run_id)) == before
