@@ -125,3 +125,11 @@ def database_of(session: Session) -> str:
     """Which database a session talks to, for keying per-process caches of its rows (a process,
     a test run for one, may talk to several databases whose ids overlap)."""
     return session.get_bind().url.render_as_string(hide_password=True)
+
+
+def hide_password(url: str) -> str:
+    """The URL with its credentials replaced by ``***``: safe to print."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

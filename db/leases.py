@@ -88,6 +88,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def live_lease(leased_by: str | None, lease_until: datetime | None, at: datetime | None = None) -> bool:
+    """True while a worker holds the row: a holder named, its lease not run out, not known gone."""
+    if leased_by is None:
+        return False
+    return _aware(lease_until) >= (at or _now()) and not holder_gone(leased_by)
+
+
 @dataclass
 class Claim:
     """What one delivery found, by row id."""

@@ -37,7 +37,7 @@ NAMING_CONVENTION = {
 # Judgment row states. A row is created 'pending' by the coordinator when it needs the
 # judgment; a worker moves it to 'done' or 'failed' exactly once (guarded by status).
 PENDING, DONE, FAILED = "pending", "done", "failed"
-RUN_RUNNING, RUN_DONE = "running", "done"
+RUN_RUNNING, RUN_DONE, RUN_CANCELLED = "running", "done", "cancelled"
 
 
 class Base(DeclarativeBase):
@@ -222,6 +222,7 @@ class _JudgmentColumns:
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the message it was last sent in (0008)
     # The lease of the worker process judging it (db/leases.py, migration 0005).
     leased_by: Mapped[str | None] = mapped_column(String(255))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -336,6 +337,7 @@ class EmbeddingShard(Base):
     created_at: Mapped[datetime] = _now()
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the message it was last sent in (0008)
     # The lease of the worker process embedding it (db/leases.py, migration 0005).
     leased_by: Mapped[str | None] = mapped_column(String(255))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

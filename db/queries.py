@@ -25,7 +25,6 @@ from sqlalchemy import (
     any_,
     bindparam,
     func,
-    or_,
     select,
     text,
     update,
@@ -36,7 +35,9 @@ from db.models import (
     DONE,
     FAILED,
     PENDING,
+    RUN_CANCELLED,
     RUN_DONE,
+    RUN_RUNNING,
     Candidate,
     CandidateSet,
     Dataset,
@@ -178,6 +179,91 @@ def admitted_queries(session: Session, run_id: int, window: int, kind: str | Non
     return sorted(session.connection().scalars(stmt))
 
 
+def candidate_sets(session: Session) -> list[CandidateSet]:
+    """Every candidate set, by id."""
+    return list(session.scalars(select(CandidateSet).order_by(CandidateSet.id)))
+
+
+def candidate_set_named(session: Session, name: str) -> CandidateSet | None:
+    return session.scalar(select(CandidateSet).where(CandidateSet.name == name))
+
+
+def query_names(session: Session, candidate_set_id: int) -> dict[str, int]:
+    """``query name -> id`` of the queries the candidate set ranks."""
+    c = Candidate.__table__
+    stmt = (
+        select(Query.name, Query.id)
+        .join(c, c.c.query_id == Query.id)
+        .where(c.c.candidate_set_id == candidate_set_id, c.c.rank == 1)
+    )
+    return dict(session.execute(stmt).all())
+
+
+def add_run_queries(session: Session, run_id: int, query_ids: Sequence[int]) -> None:
+    insert_ignore(
+        session, RunQuery.__table__, [{"run_id": run_id, "query_id": q} for q in query_ids], key=["run_id", "query_id"]
+    )
+
+
+def run_query_counts(session: Session, run_id: int) -> tuple[int, int]:
+    """The run's queries, and how many of them are finished."""
+    total, done = session.execute(
+        select(func.count(), func.count(RunQuery.done_at)).where(RunQuery.run_id == run_id)
+    ).one()
+    return total, done
+
+
+def run_judgment_counts(session: Session, run_id: int) -> dict[str, int]:
+    """The run's judgments: ``pending``, ``done``, ``failed`` and ``reused`` (among the done: copied
+    from an earlier run). One pass over each table's rows of the run."""
+    counts = {"pending": 0, "done": 0, "failed": 0, "reused": 0}
+    for model in JUDGMENT_MODELS.values():
+        row = session.execute(
+            select(
+                *(func.count().filter(model.status == status) for status in (PENDING, DONE, FAILED)),
+                func.count(model.reused_from_id),
+            ).where(model.run_id == run_id)
+        ).one()
+        for name, n in zip(counts, row, strict=True):
+            counts[name] += n or 0
+    return counts
+
+
+def run_is_running(session: Session, run_id: int) -> bool:
+    """True while the run is neither done nor cancelled. On PostgreSQL the run's row is share-locked
+    until the transaction ends, so a ``cancel_run`` waits for a replay that read it, and a replay
+    that comes after the cancel sees it."""
+    stmt = select(Run.status).where(Run.id == run_id)
+    if is_postgres(session):
+        stmt = stmt.with_for_update(read=True)
+    return session.scalar(stmt) == RUN_RUNNING
+
+
+def cancel_run(session: Session, run_id: int) -> tuple[str | None, int]:
+    """Cancel a running run: its status becomes 'cancelled' and its pending judgments are closed as
+    failed ("run cancelled"), so no worker takes them (a worker holding one stores nothing: results
+    are stored only on pending rows). Returns the status the run had (None: no such run) and the
+    judgments closed; only a 'running' run changes."""
+    status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update())
+    if status != RUN_RUNNING:
+        return status, 0
+    closed = 0
+    at = now()
+    session.execute(
+        update(Run).where(Run.id == run_id, Run.status == RUN_RUNNING).values(status=RUN_CANCELLED, finished_at=at)
+    )
+    for model in JUDGMENT_MODELS.values():
+        closed += session.execute(
+            update(model)
+            .where(model.run_id == run_id, model.status == PENDING)
+            .values(status=FAILED, error=CANCELLED_ERROR, finished_at=at, lease_until=None)
+        ).rowcount
+    return status, closed
+
+
+CANCELLED_ERROR = "run cancelled"
+
+
 def finish_run_if_complete(session: Session, run_id: int) -> bool:
     """Mark the run done when every query has a ranking (guarded: once)."""
     left = session.scalar(
@@ -188,7 +274,7 @@ def finish_run_if_complete(session: Session, run_id: int) -> bool:
     if left:
         return False
     session.execute(
-        update(Run).where(Run.id == run_id, Run.status != RUN_DONE).values(status=RUN_DONE, finished_at=now())
+        update(Run).where(Run.id == run_id, Run.status == RUN_RUNNING).values(status=RUN_DONE, finished_at=now())
     )
     return True
 
@@ -253,8 +339,9 @@ def add_pending(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]) 
     """Create pending judgment rows. Returns ``(id, query_id, *key)`` of each row that did not
     exist yet (in no particular order); a row whose key existed already is left as it was.
 
-    The rows are stamped ``enqueued_at`` here: the caller sends them right after the commit, and
-    a send lost to a crash in between is found by ``stale_pending`` like any other lost message.
+    The rows are stamped ``enqueued_at`` here; the caller sends them right after the commit
+    (``workers.dispatch.send_judgments``), and a send lost to a crash in between leaves rows with
+    no task id, which ``db.work_items.stale_judgments`` finds like any other lost message.
     """
     key = ["run_id", "query_id", *KEY_COLUMNS[kind]]
     return insert_ignore(
@@ -265,26 +352,6 @@ def add_pending(session: Session, kind: str, rows: Sequence[Mapping[str, Any]]) 
         returning=["id", "query_id", *KEY_COLUMNS[kind]],
         values={"enqueued_at": now()},
     )
-
-
-def mark_enqueued(session: Session, kind: str, ids: Sequence[int]) -> None:
-    t = JUDGMENT_MODELS[kind].__table__
-    pg = is_postgres(session)
-    stmt = update(t).where(member_of(t.c.id, "ids", pg)).values(enqueued_at=now())
-    for part in id_parts(ids, pg):
-        session.connection().execute(stmt, {"ids": part})
-
-
-def stale_pending(
-    session: Session, run_id: int, kind: str, older_than: datetime | None
-) -> list[tuple[int, int]]:
-    """``(id, query_id)`` of pending rows never enqueued, or enqueued before ``older_than`` (None:
-    every pending row)."""
-    model = JUDGMENT_MODELS[kind]
-    stmt = select(model.id, model.query_id).where(model.run_id == run_id, model.status == PENDING)
-    if older_than is not None:
-        stmt = stmt.where(or_(model.enqueued_at.is_(None), model.enqueued_at < older_than))
-    return [(i, q) for i, q in session.execute(stmt.order_by(model.query_id, model.id))]
 
 
 def write_rankings(session: Session, run_id: int, orders: Mapping[int, Sequence[int]]) -> None:

@@ -10,8 +10,6 @@ worker it starts itself. Settings are read once here, at the edge (``db.settings
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -19,33 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import DATABASE_URL_ENV, database_url, is_sqlite, session_factory
+from db.engine import database_url, hide_password, is_sqlite, session_factory
 from db.migrate import is_up_to_date, upgrade_to_head
-from db.models import Run
 from db.settings import SettingsError, override
-from orchestrator import launch, vigor
+from orchestrator import drive, launch, vigor
+from orchestrator import retrieve as stage1
 from orchestrator.calibrate import check_method
 from orchestrator.candidates import CandidateFileError, import_candidates
-from orchestrator.coordinator import UnknownRun, advance
+from orchestrator.coordinator import UnknownRun
+from orchestrator.demo import run_demo
 from orchestrator.derived_runs import PARAMETER_NAMES, calibrate_run
-from orchestrator.ingest import ingest as ingest_records
 from orchestrator.ingest import ingest_directory
-from orchestrator.progress import RunProgress, RunStalled, run_progress, wait_for_run
-from orchestrator.reconcile import reconcile
+from orchestrator.progress import RunStalled, run_status_lines
+from orchestrator.reconcile import RunCancelled
 from orchestrator.reporting.build import ReportError, build_report
 from orchestrator.reporting.render import FORMATS, format_report, prepare_out_dir, write_report_files
 from orchestrator.strategies.base import UnknownStrategy
 from orchestrator.strategies.registry import STRATEGY_NAMES
-from orchestrator.submit import RunSpec, SubmitError, create_run
+from orchestrator.submit import SubmitError, spec_from_options
 from orchestrator.synth import write_synthetic_vigor
-from workers.app import app, broker_url, is_embedded, use_current_settings
+from workers.app import is_embedded, use_current_settings
 from workers.judges.registry import JUDGES, UnknownJudge
 from workers.prompts import PROMPT_NAMES
-from workers.queues import run_queues
 
 log = logging.getLogger("orchestrator")
 
@@ -58,6 +54,9 @@ _USER_ERRORS = (
     UnknownRun,
     ReportError,
     RunStalled,
+    RunCancelled,
+    drive.BrokerUnreachable,
+    stage1.RetrievalFailed,
     ValueError,
     KeyError,
     FileNotFoundError,
@@ -78,6 +77,20 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OperationalError as exc:
             reason = " ".join(str(exc.orig or exc).split())
             raise click.ClickException(f"database error at {_safe_url()}: {reason}") from exc
+
+    return wrapper
+
+
+def follows_run(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Ctrl-C while following a run: say how to watch, resume or cancel it (exit 130), no "Aborted!"."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except drive.Interrupted as exc:
+            click.echo(f"\n{exc}", err=True)
+            raise SystemExit(130) from None
 
     return wrapper
 
@@ -288,30 +301,32 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
 )
 @click.option(
     "--model",
-    default="convnext_base.fb_in22k_ft_in1k_384",
+    default=stage1.DEFAULT_MODEL,
     show_default=True,
     help="timm model name (num_classes=0; one encoder for both views).",
 )
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Candidates per query.")
+@click.option(
+    "--k", type=click.IntRange(min=1), default=stage1.DEFAULT_K, show_default=True, help="Candidates per query."
+)
 @click.option("--name", required=True, help="Name of the retrieval run and of the candidate set it writes.")
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=128,
+    default=stage1.DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Images per forward pass.",
 )
 @click.option(
     "--shard-size",
     type=click.IntRange(min=1),
-    default=4096,
+    default=stage1.DEFAULT_SHARD_SIZE,
     show_default=True,
     help="Images per task and file.",
 )
 @click.option(
     "--img-size",
-    type=click.IntRange(min=32),
-    default=384,
+    type=click.IntRange(min=stage1.MIN_IMG_SIZE),
+    default=stage1.DEFAULT_IMG_SIZE,
     show_default=True,
     help="Tile side in pixels; panoramas are S x 2S (Sample4Geo's VIGOR setting: 384).",
 )
@@ -322,188 +337,134 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
     "--wait/--no-wait", default=True, show_default=True, help="Follow the shards until the top-K is stored."
 )
 @user_errors
-def retrieve(
-    checkpoint: Path | None,
-    random_init: bool,
-    model: str,
-    k: int,
-    name: str,
-    batch_size: int,
-    shard_size: int,
-    img_size: int,
-    seed: int,
-    dataset: str | None,
-    max_attempts: int,
-    wait: bool,
-) -> None:
+def retrieve(wait: bool, **options: Any) -> None:
     """Stage 1: embed the gallery and the queries on the `retrieval` queue, store the top-K per query.
 
     Retrieval workers (`celery -A workers.app worker -Q retrieval`) embed shards of images into
     float16 files under CVGL_EMBEDDINGS_DIR; the last one computes the top-K, stored as candidate
-    set NAME. Running the same command again resumes: shards already stored are not recomputed.
+    set NAME. Running the same command again resumes: shards already stored are not recomputed,
+    and only shards neither queued nor being embedded are sent again.
 
-    Example: orchestrator retrieve --name s4g --checkpoint weights/vigor_cross.pth
+    Example: orchestrator retrieve --checkpoint weights_e40_0.6109.pth --name s4g
     """
-    from orchestrator import retrieve as stage1
-    from workers.app import visibility_timeout
-
-    spec = stage1.RetrieveSpec(
-        name=name,
-        checkpoint=checkpoint,
-        random_init=random_init,
-        model=model,
-        k=k,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        img_size=img_size,
-        seed=seed,
-        dataset=dataset,
-        max_attempts=max_attempts,
+    lines = stage1.run_retrieval(
+        sessions(), stage1.RetrieveSpec(**options), wait, note=lambda m: click.echo(m, err=True)
     )
-    sf = sessions()
-    with sf.begin() as s:
-        prepared = stage1.create_or_resume(s, spec)
-    if random_init:
-        click.echo(f"warning: --random-init: {name!r} embeds with untrained weights (seed {seed})", err=True)
-    if not prepared.created and prepared.status != "done":
-        click.echo(
-            f"resuming retrieval run {name!r} (id {prepared.run_id}): stored shards are kept", err=True
-        )
-    try:
-        if prepared.status == "done":
-            pass
-        elif is_embedded():
-            from orchestrator.embedded import embedded_worker
-
-            with embedded_worker([stage1.RETRIEVAL_QUEUE]):
-                stage1.enqueue(sf, prepared.run_id)
-                stage1.wait_for_retrieval(sf, prepared.run_id)
-        else:
-            sent = stage1.enqueue(sf, prepared.run_id)
-            if not wait:
-                click.echo(
-                    f"retrieval run {name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`"
-                )
-                return
-            stage1.wait_for_retrieval(
-                sf,
-                prepared.run_id,
-                on_stall=lambda: stage1.enqueue(sf, prepared.run_id, lost_after=visibility_timeout()),
-                stall_seconds=_stall_seconds(),
-            )
-    except stage1.RetrievalFailed as exc:
-        raise click.ClickException(str(exc)) from exc
-    with sf() as s:
-        lines = stage1.describe(
-            stage1.retrieval_progress(s, prepared.run_id), stage1.run_summary(s, prepared.run_id)
-        )
     click.echo("\n".join(lines))
 
 
+def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """submit's options that make its RunSpec (``orchestrator.submit.spec_from_options``)."""
+    options = [
+        click.option(
+            "--strategy",
+            default="pairwise",
+            show_default=True,
+            metavar="NAME",
+            help=f"One of: {', '.join(STRATEGY_NAMES)}.",
+        ),
+        click.option(
+            "--prompt",
+            default=None,
+            metavar="NAME",
+            help=f"One of: {', '.join(PROMPT_NAMES)} (default: pairwise, or yesno for pointwise).",
+        ),
+        click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}."),
+        click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's)."),
+        click.option("--revision", default=None, help="Model revision (commit, tag or branch)."),
+        click.option(
+            "--decode",
+            type=click.Choice(["choices", "generate"]),
+            default="choices",
+            show_default=True,
+            help="Pairwise answers: choices = P('1') vs P('2') in one forward pass; generate = decode and parse the JSON (the paper's way).",
+        ),
+        click.option(
+            "--accuracy",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Simulated judge: probability of a right answer (default 0.8; the demo uses 0.95).",
+        ),
+        click.option(
+            "--position-bias",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Simulated judge: mass moved to the first tile.",
+        ),
+        click.option(
+            "--noise",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Simulated judge: share of answers drawn at random per order shown (non-transitive).",
+        ),
+        click.option(
+            "--latency-ms", type=click.FloatRange(min=0), default=None, help="Simulated judge: time per judgment."
+        ),
+        click.option(
+            "--top",
+            type=click.IntRange(min=1),
+            default=None,
+            help="selection / tournament: how many places to rank exactly (default 3 / 5); the rest keep stage-1 order.",
+        ),
+        click.option(
+            "--both-orders",
+            is_flag=True,
+            help="Pairwise strategies: ask every comparison in both orders and combine them (cancels position bias).",
+        ),
+        click.option(
+            "--aggregate",
+            type=click.Choice(["copeland", "bradley-terry"]),
+            default=None,
+            help="allpairs: Copeland wins (default) or a Bradley-Terry fit to the probabilities.",
+        ),
+        click.option(
+            "--reuse/--no-reuse",
+            default=True,
+            show_default=True,
+            help="Copy verdicts earlier runs stored for the same judge, model, revision, prompt and options.",
+        ),
+        click.option("--candidates", default=None, help="Candidate set name (default: the only one)."),
+        click.option(
+            "--queries",
+            "n_queries",
+            type=click.IntRange(min=1),
+            default=500,
+            show_default=True,
+            help="Queries sampled.",
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seeds the query sample (and the simulated judge)."
+        ),
+        click.option(
+            "--k", type=click.IntRange(min=2), default=20, show_default=True, help="Candidates reranked per query."
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judgments per task."),
+        click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True),
+        click.option("--queue", default=None, help="Override the model queue (default vlm.<model>)."),
+        click.option(
+            "--max-open-queries",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Queries sorted at once; the next starts as one finishes (default: 64 per GPU queue for "
+            "VLM judges, so each GPU keeps every open query's prefixes cached; all for the simulated judge). "
+            "0: all at once.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command(short_help="Create a rerank run; prints its id.")
-@click.option(
-    "--strategy",
-    default="pairwise",
-    show_default=True,
-    metavar="NAME",
-    help=f"One of: {', '.join(STRATEGY_NAMES)}.",
-)
-@click.option(
-    "--prompt",
-    default=None,
-    metavar="NAME",
-    help=f"One of: {', '.join(PROMPT_NAMES)} (default: pairwise, or yesno for pointwise).",
-)
-@click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}.")
-@click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's).")
-@click.option("--revision", default=None, help="Model revision (commit, tag or branch).")
-@click.option(
-    "--decode",
-    type=click.Choice(["choices", "generate"]),
-    default="choices",
-    show_default=True,
-    help="Pairwise answers: choices = P('1') vs P('2') in one forward pass; generate = decode and parse the JSON (the paper's way).",
-)
-@click.option(
-    "--accuracy",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Simulated judge: probability of a right answer (default 0.8; the demo uses 0.95).",
-)
-@click.option(
-    "--position-bias",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Simulated judge: mass moved to the first tile.",
-)
-@click.option(
-    "--noise",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Simulated judge: share of answers drawn at random per order shown (non-transitive).",
-)
-@click.option(
-    "--latency-ms", type=click.FloatRange(min=0), default=None, help="Simulated judge: time per judgment."
-)
+@_run_spec_options
+@click.option("--all-queries", is_flag=True, help="Rerank every query of the candidate set.")
 @click.option(
     "--poison",
     multiple=True,
     help="Simulated judge, fault injection: a judgment ('QUERY|TILE' or 'QUERY|FIRST|SECOND', file names) "
     "that kills the worker process asking it. Repeatable. Only with separate worker processes.",
 )
-@click.option(
-    "--top",
-    type=click.IntRange(min=1),
-    default=None,
-    help="selection / tournament: how many places to rank exactly (default 3 / 5); the rest keep stage-1 order.",
-)
-@click.option(
-    "--both-orders",
-    is_flag=True,
-    help="Pairwise strategies: ask every comparison in both orders and combine them (cancels position bias).",
-)
-@click.option(
-    "--aggregate",
-    type=click.Choice(["copeland", "bradley-terry"]),
-    default=None,
-    help="allpairs: Copeland wins (default) or a Bradley-Terry fit to the probabilities.",
-)
-@click.option(
-    "--reuse/--no-reuse",
-    default=True,
-    show_default=True,
-    help="Copy verdicts earlier runs stored for the same judge, model, revision, prompt and options.",
-)
-@click.option("--candidates", default=None, help="Candidate set name (default: the only one).")
-@click.option(
-    "--queries",
-    "n_queries",
-    type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-    help="Queries sampled.",
-)
-@click.option("--all-queries", is_flag=True, help="Rerank every query of the candidate set.")
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seeds the query sample (and the simulated judge)."
-)
-@click.option(
-    "--k", type=click.IntRange(min=2), default=20, show_default=True, help="Candidates reranked per query."
-)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judgments per task.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--queue", default=None, help="Override the model queue (default vlm.<model>).")
-@click.option(
-    "--max-open-queries",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Queries sorted at once; the next starts as one finishes (default: 64 per GPU queue for "
-    "VLM judges, so each GPU keeps every open query's prefixes cached; all for the simulated judge). "
-    "0: all at once.",
-)
-@click.option(
-    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
-)
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done.")
 @click.option(
     "--then-calibrate",
     "then_calibrate",
@@ -512,86 +473,25 @@ def retrieve(
     help="When the run is done, derive a calibrated run from it (orchestrator calibrate; implies --wait).",
 )
 @user_errors
+@follows_run
 def submit(
-    strategy: str,
-    prompt: str | None,
-    judge: str,
-    model: str | None,
-    revision: str | None,
-    decode: str,
-    accuracy: float | None,
-    position_bias: float | None,
-    noise: float | None,
-    latency_ms: float | None,
-    poison: tuple[str, ...],
-    top: int | None,
-    both_orders: bool,
-    aggregate: str | None,
-    reuse: bool,
-    candidates: str | None,
-    n_queries: int,
-    all_queries: bool,
-    seed: int,
-    k: int,
-    batch_size: int | None,
-    max_attempts: int,
-    queue: str | None,
-    max_open_queries: int | None,
-    wait: bool,
-    then_calibrate: str | None,
+    all_queries: bool, poison: tuple[str, ...], wait: bool, then_calibrate: str | None, **options: Any
 ) -> None:
-    """Create a rerank run and enqueue its judgments; prints the run id.
+    """Create a rerank run and send its first judgments; prints the run id.
 
-    Example: orchestrator submit --strategy pointwise --prompt yesno --queries 50 --wait
+    With --wait (always without CVGL_BROKER_URL, where this process serves the run), shows progress
+    until the run is done; Ctrl-C then leaves the run as it is and says how to watch, resume or
+    cancel it.
+
+    Example: orchestrator submit --strategy tournament --top 5 --queries 100 --wait
     """
     if then_calibrate is not None:
         check_method(then_calibrate)  # before anything is stored
-    options = {
-        name: v
-        for name, v in (
-            ("accuracy", accuracy),
-            ("position_bias", position_bias),
-            ("noise", noise),
-            ("latency_ms", latency_ms),
-        )
-        if v is not None
-    }
-    if poison:
-        if is_embedded():
-            raise click.UsageError("--poison kills the process that asks the judgment: use separate workers")
-        options["poison"] = list(poison)
-    if options and judge != "simulated":
-        raise click.UsageError(
-            "--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only"
-        )
-    strategy_options: dict[str, Any] = {
-        name: v for name, v in (("top", top), ("aggregate", aggregate)) if v is not None
-    }
-    if both_orders:
-        strategy_options["both_orders"] = True
-    spec = RunSpec(
-        strategy=strategy,
-        prompt=prompt,
-        judge=judge,
-        model=model,
-        revision=revision,
-        decode=decode,
-        candidates=candidates,
-        n_queries=None if all_queries else n_queries,
-        seed=seed,
-        k=k,
-        batch_size=batch_size,
-        max_attempts=max_attempts,
-        queue=queue,
-        judge_options=options,
-        strategy_options=strategy_options,
-        reuse=reuse,
-        max_open_queries=max_open_queries,
-    )
-    run_id = _submit(sessions(), spec, wait or then_calibrate is not None)
+    spec = spec_from_options(options, all_queries=all_queries, poison=poison, embedded=is_embedded())
+    run_id = drive.submit_run(sessions(), spec, wait or then_calibrate is not None)
     click.echo(run_id)
     if then_calibrate is not None:
-        _calibrate(run_id, then_calibrate, DEFAULT_DEV_SHARE, seed)
+        _calibrate(run_id, then_calibrate, DEFAULT_DEV_SHARE, options["seed"])
 
 
 DEFAULT_DEV_SHARE = 0.3
@@ -636,142 +536,69 @@ def calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
     _calibrate(run_id, method, dev_share, seed)
 
 
-def _submit(sf: sessionmaker[Session], spec: RunSpec, wait: bool) -> int:
-    if not is_embedded():
-        _check_broker()  # before anything is stored
-    with sf.begin() as s:
-        run_id = create_run(s, spec)
-    try:
-        _drive(sf, run_id, wait, start=lambda: advance(run_id, sessions=sf))
-    except KombuOperationalError as exc:  # the broker went away after the check
-        raise click.ClickException(
-            f"{_broker_unreachable(exc)}; run {run_id} is stored and waits: `orchestrator resume {run_id}` "
-            "once the broker is up"
-        ) from exc
-    return run_id
-
-
-def _check_broker() -> None:
-    try:
-        with app.connection_for_write(broker_url()) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
-    except (KombuOperationalError, OSError) as exc:
-        raise click.ClickException(
-            f"{_broker_unreachable(exc)}; start it (README: services) or unset CVGL_BROKER_URL to run in "
-            "this process"
-        ) from exc
-
-
-def _broker_unreachable(exc: BaseException) -> str:
-    return f"cannot reach the broker at {_hide_password(broker_url())}: {' '.join(str(exc).split())}"
-
-
-def _drive(
-    sf: sessionmaker[Session], run_id: int, wait: bool, start: Callable[[], object]
-) -> RunProgress | None:
-    """Start (or resume) the run's work; in embedded mode, serve it in-process until done."""
-    if is_embedded():
-        from orchestrator.embedded import embedded_worker, worker_busy
-        from workers.dispatch import run_shards
-
-        with sf() as s:
-            run = s.get(Run, run_id)
-            queues = run_queues(run.queue, run_shards(run.params))
-        with embedded_worker(queues):
-            start()
-            return wait_for_run(
-                sf,
-                run_id,
-                on_stall=lambda: reconcile(run_id, None, sf),
-                stall_seconds=10,
-                max_stalls=3,
-                busy=worker_busy,
-            )
-    start()
-    if not wait:
-        return None
-    # Poll twice a second: each poll counts the run's judgments, which is work for the database.
-    return wait_for_run(
-        sf,
-        run_id,
-        on_stall=lambda: reconcile(run_id, _stall_seconds(), sf),
-        stall_seconds=_stall_seconds(),
-        poll=0.5,
-    )
-
-
-def _stall_seconds() -> float:
-    return float(os.environ.get("CVGL_STALL_SECONDS", "60"))
-
-
 @cli.command(short_help="Progress of one run, or of every run.")
 @click.argument("run_id", type=int, required=False)
 @user_errors
 def status(run_id: int | None) -> None:
-    """Progress of one run, or of every run.
+    """Progress of one run, or of every run (no RUN_ID), in a table 120 columns wide.
 
-    Example: orchestrator status 1
+    Example: orchestrator status 3
     """
-    sf = sessions()
-    with sf() as s:
-        if run_id is not None:
-            p = run_progress(s, run_id)
-            if p is None:
-                raise UnknownRun(f"run {run_id} does not exist")
-            rows = [p]
-        else:
-            from db.reports import all_run_ids
-
-            rows = [run_progress(s, r) for r in all_run_ids(s)]
-    if not rows:
-        click.echo("no runs yet")
-        return
-    click.echo(
-        f"{'run':>4}  {'status':8}  {'strategy/prompt':20}  {'judge':10}  {'queries':>11}  "
-        f"{'judged':>8}  {'reused':>8}  {'pending':>8}  {'failed':>7}  model"
-    )
-    for p in rows:
-        assert p is not None
-        click.echo(
-            f"{p.run_id:>4}  {p.status:8}  {p.strategy + '/' + p.prompt:20}  {p.judge:10}  "
-            f"{f'{p.queries_done}/{p.queries_total}':>11}  {p.judgments_done:>8}  {p.judgments_reused:>8}  "
-            f"{p.judgments_pending:>8}  {p.judgments_failed:>7}  {p.model}"
-        )
+    with sessions()() as s:
+        lines = run_status_lines(s, run_id)
+    click.echo("\n".join(lines) if lines else "no runs yet")
 
 
-@cli.command(short_help="Rebuild a run's queue from the database; continue it.")
+@cli.command(short_help="Re-send a run's stale judgments; continue it.")
 @click.argument("run_id", type=int)
-@click.option(
-    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
-)
-@click.option(
-    "--stale-after",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Re-enqueue pending judgments enqueued more than this many seconds ago.",
-)
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done.")
 @user_errors
-def resume(run_id: int, wait: bool, stale_after: float) -> None:
-    """Rebuild a run's queue from the database and continue it (after any failure).
+@follows_run
+def resume(run_id: int, wait: bool) -> None:
+    """Continue a run from the database: re-send its stale judgments, replay its open queries.
 
-    Example: orchestrator resume 1 --wait
+    Stale: pending, not being judged (no live lease) and not queued (the message it was last sent
+    in is neither waiting in the broker nor held unacknowledged by a worker), so a judgment still
+    queued gets no second message. Without CVGL_BROKER_URL this process serves the run until it is
+    done. A cancelled run is not resumed (submit it again).
+
+    Example: orchestrator resume 3 --wait
     """
-    sf = sessions()
-    with sf() as s:
-        if run_progress(s, run_id) is None:
-            raise UnknownRun(f"run {run_id} does not exist")
-    summary: dict[str, Any] = {}
-
-    def start() -> None:
-        summary["r"] = reconcile(run_id, stale_after, sf)
-
-    _drive(sf, run_id, wait, start)
-    r = summary["r"]
+    r = drive.resume_run(sessions(), run_id, wait)
     click.echo(
-        f"run {run_id}: re-enqueued {r.requeued} pending judgments, {r.new_judgments} new, "
+        f"run {run_id}: re-sent {r.requeued} stale judgments, {r.new_judgments} new, "
         f"{r.finished_queries} queries finished{' (run done)' if r.run_done else ''}"
     )
+
+
+@cli.command(short_help="Follow a run until it is done; sends nothing.")
+@click.argument("run_id", type=int)
+@user_errors
+@follows_run
+def watch(run_id: int) -> None:
+    """Follow a run with a progress bar until it is done, then print one line on it.
+
+    Read-only: it sends no message and re-sends nothing. If nothing moves for CVGL_STALL_SECONDS
+    (10 s without CVGL_BROKER_URL, where only `submit --wait` or `resume --wait` serve a run), it
+    says so and exits 1: `orchestrator resume RUN_ID` re-sends what was lost.
+
+    Example: orchestrator watch 3
+    """
+    click.echo(drive.summary(drive.watch_run(sessions(), run_id)))
+
+
+@cli.command(short_help="Cancel a run: its pending judgments are not judged.")
+@click.argument("run_id", type=int)
+@user_errors
+def cancel(run_id: int) -> None:
+    """Cancel a run: it is marked cancelled, its pending judgments are closed as failed ("run
+    cancelled") so no worker judges them, and no new judgments are created. What is stored stays
+    (finished queries keep their rankings). Cancelling again says it is already cancelled;
+    `resume` refuses a cancelled run.
+
+    Example: orchestrator cancel 3
+    """
+    click.echo(drive.cancel(sessions(), run_id))
 
 
 def _report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -899,47 +726,13 @@ def figures(
 def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     """Synthesize, ingest, import candidates, rerank pairwise and pointwise, report.
 
+    Without CVGL_DATABASE_URL the database is DIR/cvgl.sqlite3; the last line says how to see
+    the results again.
+
     Example: orchestrator demo --queries 100
     """
-    t0 = time.perf_counter()
-    if not os.environ.get(DATABASE_URL_ENV):
-        os.environ[DATABASE_URL_ENV] = f"sqlite:///{(directory / 'cvgl.sqlite3').resolve()}"
-    data_dir = directory / "vigor"
-    summary = write_synthetic_vigor(data_dir, n_queries, k=20, seed=seed)
-    click.echo(f"1/5 synthesized {summary.n_queries} panoramas, {summary.n_tiles} tiles under {data_dir}")
-    sf = sessions()
-    with sf.begin() as s:
-        out = ingest_records(s, data_dir, vigor.read_vigor(data_dir))
-    click.echo(
-        f"2/5 ingested {out.queries} queries, {out.tiles} tiles, {out.labels} labels into {_safe_url()}"
-    )
-    name = f"demo-synthetic-{seed}"
-    with sf.begin() as s:
-        imp = import_candidates(s, summary.candidates_csv, name, str(data_dir))
-    click.echo(f"3/5 candidate set {name!r}: {imp.queries} queries, K={imp.k}")
-    runs = []
-    for step, (strategy, prompt) in enumerate((("pairwise", "pairwise"), ("pointwise", "yesno")), start=4):
-        spec = RunSpec(
-            strategy=strategy,
-            prompt=prompt,
-            judge="simulated",
-            candidates=name,
-            n_queries=n_queries,
-            seed=seed,
-            judge_options={"accuracy": accuracy},
-        )
-        run_id = _submit(sf, spec, wait=True)
-        runs.append(run_id)
-        click.echo(
-            f"{step}/5 run {run_id}: {strategy} ({prompt}) with the simulated judge at accuracy {accuracy}"
-        )
-    with sf() as s:
-        click.echo("\n" + format_report(build_report(s, runs), "table"))
-    click.echo(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    click.echo(
-        f"see these results again: CVGL_DATABASE_URL={_safe_url()} orchestrator report "
-        f"(or: orchestrator figures --out results/ with the same variable)"
-    )
+    for line in run_demo(directory, n_queries, accuracy, seed, sessions):
+        click.echo(line)
 
 
 @cli.command(short_help="Start a judgment worker for one model.")
@@ -1028,14 +821,7 @@ def _split(value: str) -> list[str]:
 
 
 def _safe_url() -> str:
-    return _hide_password(database_url())
-
-
-def _hide_password(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+    return hide_password(database_url())
 
 
 def main() -> None:

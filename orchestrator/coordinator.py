@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import session_factory
+from db.models import RUN_CANCELLED, RUN_DONE
 from db.queries import (
     RunInfo,
     add_pending,
@@ -39,6 +40,7 @@ from db.queries import (
     finish_run_if_complete,
     open_queries,
     run_info,
+    run_is_running,
     write_rankings,
 )
 from db.reuse import copy_row, insert_reused, reusable, reuse_enabled, reuse_sources
@@ -82,8 +84,10 @@ def advance(
         info = run_info(s, run_id)
         if info is None:
             raise UnknownRun(f"run {run_id} does not exist")
-        if info.status == "done":
+        if info.status == RUN_DONE:
             result.run_done = True
+            return result
+        if info.status == RUN_CANCELLED:  # no new judgments for a cancelled run
             return result
         window = open_window(info)
         if window is not None and query_ids is None:
@@ -138,7 +142,9 @@ def _replay(
         result.finished_queries += len(replayed.finished)
         result.new_judgments += len(replayed.inserted)
         result.reused_judgments += replayed.reused
-        result.tasks_sent += send_judgments(info, strategy.kind, [(row[0], row[1]) for row in replayed.inserted])
+        result.tasks_sent += send_judgments(
+            info, strategy.kind, [(row[0], row[1]) for row in replayed.inserted], sessions=sessions
+        )
 
 
 @dataclass
@@ -160,6 +166,8 @@ def _replay_part(
     query_ids: Sequence[int],
     sources: Sequence[int] = (),
 ) -> Replayed:
+    if not run_is_running(s, info.id):  # cancelled meanwhile: write nothing (the lock orders the two)
+        return Replayed()
     candidates = cached_candidate_lists(s, info.candidate_set_id, query_ids, info.k)
     offers = reusable(s, strategy.kind, sources, query_ids) if sources else {}
     probabilities = getattr(strategy, "reads_probabilities", False)

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from db.models import DONE, FAILED, PENDING, PairwiseVerdict, PointwiseScore, Run, RunQuery
+from db.models import RUN_CANCELLED, RUN_DONE, Run
+from db.queries import run_judgment_counts, run_query_counts
+from orchestrator.strategies.base import StrategyOptionError, UnknownStrategy
+from orchestrator.strategies.registry import get_strategy
 
 log = logging.getLogger(__name__)
 P = TypeVar("P")
@@ -34,10 +36,12 @@ class RunProgress:
     judgments_done: int
     judgments_failed: int
     judgments_reused: int = 0  # among the done: copied from earlier runs, not judged again
+    judgments_expected: int | None = None  # the strategy's bound for the run; None: unknown
 
     @property
     def finished(self) -> bool:
-        return self.status == "done"
+        """Done, or cancelled: nothing more will happen to it."""
+        return self.status in (RUN_DONE, RUN_CANCELLED)
 
     def fingerprint(self) -> tuple[int, int, int, int]:
         return (self.queries_done, self.judgments_pending, self.judgments_done, self.judgments_failed)
@@ -49,22 +53,10 @@ def run_progress(s: Session, run_id: int, judgments: RunProgress | None = None) 
     run = s.get(Run, run_id)
     if run is None:
         return None
-    total, done = s.execute(
-        select(func.count(), func.count(RunQuery.done_at)).where(RunQuery.run_id == run_id)
-    ).one()
+    total, done = run_query_counts(s, run_id)
     if judgments is not None:
         return replace(judgments, status=run.status, queries_total=total, queries_done=done)
-    # One pass over each table's rows of the run.
-    counts = {"pending": 0, "done": 0, "failed": 0, "reused": 0}
-    for model in (PairwiseVerdict, PointwiseScore):
-        row = s.execute(
-            select(
-                *(func.count().filter(model.status == status) for status in (PENDING, DONE, FAILED)),
-                func.count(model.reused_from_id),
-            ).where(model.run_id == run_id)
-        ).one()
-        for name, n in zip(counts, row, strict=True):
-            counts[name] += n or 0
+    counts = run_judgment_counts(s, run_id)
     return RunProgress(
         run_id=run.id,
         status=run.status,
@@ -78,6 +70,36 @@ def run_progress(s: Session, run_id: int, judgments: RunProgress | None = None) 
         judgments_done=counts["done"],
         judgments_failed=counts["failed"],
         judgments_reused=counts["reused"],
+        judgments_expected=expected_judgments(run.strategy, (run.params or {}).get("strategy_options"), run.k, total),
+    )
+
+
+def expected_judgments(strategy: str, options: dict | None, k: int, queries: int) -> int | None:
+    """What the run's strategy needs at most for ``queries`` queries of ``k`` candidates; None for a
+    run that judges nothing (a derived run)."""
+    try:
+        per_query = get_strategy(strategy, **(options or {})).judgments_per_query(k)
+    except (UnknownStrategy, StrategyOptionError, TypeError):
+        return None
+    return per_query * queries
+
+
+def bar_state(p: RunProgress) -> BarState:
+    """The bar counts judgments finished (done, reused or failed) against the strategy's bound; a
+    run that ends under its bound ends full. Queries finished are in the postfix."""
+    finished = p.judgments_done + p.judgments_failed
+    total = p.judgments_expected if p.judgments_expected is not None else finished + p.judgments_pending
+    if p.finished or total < finished:
+        total = finished
+    return BarState(
+        total,
+        finished,
+        {
+            "queries": f"{p.queries_done}/{p.queries_total}",
+            "reused": p.judgments_reused,
+            "pending": p.judgments_pending,
+            "failed": p.judgments_failed,
+        },
     )
 
 
@@ -179,8 +201,10 @@ def wait_for_run(
     progress_bar: bool = True,
     max_stalls: int | None = None,
     busy: Callable[[], bool] | None = None,
+    stalled: Callable[[RunProgress, int], str] | None = None,
 ) -> RunProgress:
-    """Poll until the run is done; call ``on_stall`` (reconcile) when nothing moves for a while.
+    """Poll until the run is done or cancelled; call ``on_stall`` (reconcile) when nothing moves for a
+    while. ``stalled``: the message of ``RunStalled`` (the progress, and the stalls in a row).
 
     Raises:
         TimeoutError: after ``timeout`` seconds.
@@ -207,24 +231,18 @@ def wait_for_run(
         read,
         finished=lambda p: p.finished,
         fingerprint=lambda p: p.fingerprint(),
-        bar_state=lambda p: BarState(
-            p.queries_total,
-            p.queries_done,
-            {
-                "judged": p.judgments_done,
-                "reused": p.judgments_reused,
-                "pending": p.judgments_pending,
-                "failed": p.judgments_failed,
-            },
-        ),
+        bar_state=bar_state,
         desc=f"run {run_id}",
-        unit="query",
+        unit="judgment",
         on_stall=on_stall,
         stall_seconds=stall_seconds,
         max_stalls=max_stalls,
-        stalled=lambda p, n: (
+        stalled=stalled
+        or (
+            lambda p, n: (
             f"run {run_id} made no progress in {n} reconciles ({p.judgments_pending} judgments "
             "pending): are workers consuming its queue? See the worker logs."
+            )
         ),
         detail=lambda p: f"{p.queries_done}/{p.queries_total} queries",
         timeout=timeout,
@@ -232,3 +250,41 @@ def wait_for_run(
         progress_bar=progress_bar,
         busy=busy,
     )
+
+
+def run_status_lines(s: Session, run_id: int | None = None) -> list[str]:
+    """``orchestrator status``: the table of one run, or of every run (no lines: no runs).
+
+    Raises:
+        UnknownRun: no run ``run_id``.
+    """
+    from db.reports import all_run_ids
+    from orchestrator.coordinator import UnknownRun
+
+    ids = [run_id] if run_id is not None else all_run_ids(s)
+    rows = [p for p in (run_progress(s, r) for r in ids) if p is not None]
+    if run_id is not None and not rows:
+        raise UnknownRun(f"run {run_id} does not exist")
+    return status_table(rows) if rows else []
+
+
+STATUS_WIDTH = 120  # as the report's tables: fits a 120-column terminal
+
+
+def status_table(rows: list[RunProgress], width: int = STATUS_WIDTH) -> list[str]:
+    """``orchestrator status`` as lines of at most ``width`` characters: a model name that does not
+    fit keeps its end (the model, not its organisation)."""
+    head = (
+        f"{'run':>4}  {'status':9}  {'strategy/prompt':19}  {'judge':10}  {'queries':>11} "
+        f"{'judged':>6} {'reused':>6} {'pending':>7} {'failed':>6}  "
+    )
+    room = width - len(head)
+    lines = [head + "model"]
+    for p in rows:
+        model = p.model if len(p.model) <= room else "…" + p.model[-(room - 1) :]
+        lines.append(
+            f"{p.run_id:>4}  {p.status:9}  {p.strategy + '/' + p.prompt:19}  {p.judge:10}  "
+            f"{f'{p.queries_done}/{p.queries_total}':>11} {p.judgments_done:>6} {p.judgments_reused:>6} "
+            f"{p.judgments_pending:>7} {p.judgments_failed:>6}  {model}"
+        )
+    return lines

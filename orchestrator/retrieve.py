@@ -5,7 +5,7 @@ cities) and every query panorama, in shards of ``shard_size`` images; each shard
 ``cvgl.embed_shard`` task on the ``retrieval`` queue and one float16 .npy file. When no shard is
 left pending, a worker runs ``cvgl.rank_candidates``, which stores the top-K tiles per query as a
 candidate set named like the run (``source='retrieval'``) that ``submit --candidates NAME``
-reranks. Running the same command again resumes: stored shards are kept, the rest re-enqueued.
+reranks. Running the same command again resumes: stored shards are kept, stale ones sent again.
 
 Imports ``db`` and the torch-free parts of ``workers``; tasks are sent by name.
 """
@@ -14,42 +14,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from celery.utils import uuid
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import retrieval as retrieval_db
 from db.models import (
     DONE,
     FAILED,
-    PENDING,
     RETRIEVAL_DONE,
     RETRIEVAL_FAILED,
     RETRIEVAL_RUNNING,
-    CandidateSet,
     Dataset,
     EmbeddingShard,
-    Query,
     RetrievalRun,
-    SkippedImage,
-    Tile,
 )
-from db.queries import chunked, now
 from db.reports import retrieval_recall
-from db.upsert import insert_ignore
+from db.retrieval import QUERY, TILE
+from db.work_items import record_sent, stale_shards
 from orchestrator.progress import BarState, follow
 from workers.app import app
+from workers.dispatch import queued_task_ids
 from workers.queues import EMBED_SHARD_TASK, RANK_CANDIDATES_TASK, RETRIEVAL_QUEUE
 from workers.retrieval.store import (
     DEFAULT_IMG_SIZE,
     DEFAULT_MODEL,
-    QUERY,
-    TILE,
     embeddings_root,
     file_sha256,
-    reset_failed,
     run_folder_name,
 )
 
@@ -92,13 +85,11 @@ class Prepared:
 
 
 def pick_dataset(s: Session, dataset: str | None) -> Dataset:
+    found = retrieval_db.datasets(s, dataset)
     if dataset:
-        root = str(Path(dataset).expanduser().resolve())
-        found = list(s.scalars(select(Dataset).where((Dataset.root == root) | (Dataset.name == dataset))))
         if len(found) != 1:
             raise RetrieveError(f"dataset {dataset!r} is {'ambiguous' if found else 'not ingested'}")
         return found[0]
-    found = list(s.scalars(select(Dataset).order_by(Dataset.id)))
     if not found:
         raise RetrieveError("no dataset ingested; run `orchestrator ingest DIR` first")
     if len(found) > 1:
@@ -173,16 +164,15 @@ def create_or_resume(s: Session, spec: RetrieveSpec) -> Prepared:
     """
     _validate(spec)
     dataset = pick_dataset(s, spec.dataset)
-    tile_ids = list(s.scalars(select(Tile.id).where(Tile.dataset_id == dataset.id).order_by(Tile.id)))
-    query_ids = list(s.scalars(select(Query.id).where(Query.dataset_id == dataset.id).order_by(Query.id)))
+    tile_ids, query_ids = retrieval_db.dataset_items(s, dataset.id)
     if not tile_ids or not query_ids:
         raise RetrieveError(f"dataset {dataset.root} has {len(tile_ids)} tiles and {len(query_ids)} queries")
     if spec.k > len(tile_ids):
         raise RetrieveError(f"--k {spec.k} exceeds the {len(tile_ids)} tiles of the gallery")
     checkpoint = str(Path(spec.checkpoint).expanduser().resolve()) if spec.checkpoint else None
     wanted = _settings(spec, dataset.id, checkpoint, len(tile_ids), len(query_ids))
-    run = s.scalar(select(RetrievalRun).where(RetrievalRun.name == spec.name))
-    other_set = s.scalar(select(CandidateSet).where(CandidateSet.name == spec.name))
+    run = retrieval_db.run_by_name(s, spec.name)
+    other_set = retrieval_db.candidate_set_by_name(s, spec.name)
     if other_set is not None and (run is None or run.candidate_set_id != other_set.id):
         raise RetrieveError(
             f"a candidate set named {spec.name!r} already exists ({other_set.source}); choose another --name"
@@ -222,7 +212,7 @@ def create_or_resume(s: Session, spec: RetrieveSpec) -> Prepared:
         for kind, ids in ((TILE, tile_ids), (QUERY, query_ids))
         for i, lo in enumerate(range(0, len(ids), spec.shard_size))
     ]
-    insert_ignore(s, EmbeddingShard.__table__, shards, key=["retrieval_run_id", "kind", "shard_index"])
+    retrieval_db.add_shards(s, shards)
     return Prepared(run.id, created=True, status=run.status, shards=len(shards), reset_shards=0)
 
 
@@ -234,17 +224,11 @@ def _resume(s: Session, run: RetrievalRun, spec: RetrieveSpec, wanted: dict, sha
             f"retrieval run {run.name!r} exists with other settings ({'; '.join(differ)}); "
             "rerun with the same options to resume it, or choose another --name"
         )
-    n_shards = s.scalar(
-        select(func.count()).select_from(EmbeddingShard).where(EmbeddingShard.retrieval_run_id == run.id)
-    )
+    n_shards = retrieval_db.count_shards(s, run.id)
     if run.status == RETRIEVAL_DONE:
         return Prepared(run.id, created=False, status=run.status, shards=n_shards, reset_shards=0)
     if sha != run.checkpoint_sha256:
-        done = s.scalar(
-            select(func.count())
-            .select_from(EmbeddingShard)
-            .where(EmbeddingShard.retrieval_run_id == run.id, EmbeddingShard.status == DONE)
-        )
+        done = retrieval_db.count_shards(s, run.id, DONE)
         if done:
             raise RetrieveError(
                 f"checkpoint {run.checkpoint} changed since {done} shards of {run.name!r} were embedded; "
@@ -253,47 +237,37 @@ def _resume(s: Session, run: RetrievalRun, spec: RetrieveSpec, wanted: dict, sha
         run.checkpoint_sha256 = sha
     run.batch_size = spec.batch_size  # throughput only: may change between attempts
     run.max_attempts = spec.max_attempts
-    reset = reset_failed(s, run.id) if run.status == RETRIEVAL_FAILED else 0
+    reset = retrieval_db.reset_failed(s, run.id) if run.status == RETRIEVAL_FAILED else 0
     s.flush()
     return Prepared(
         run.id,
         created=False,
-        status=s.scalar(select(RetrievalRun.status).where(RetrievalRun.id == run.id)),
+        status=retrieval_db.run_status(s, run.id),
         shards=n_shards,
         reset_shards=reset,
     )
 
 
-def enqueue(sf: sessionmaker[Session], run_id: int, lost_after: float | None = None) -> int:
-    """Send the run's pending shards to the retrieval queue (after the commit that created them).
+def enqueue(sf: sessionmaker[Session], run_id: int) -> int:
+    """Send the run's stale shards to the retrieval queue (after the commit that created them).
 
-    With no shard pending, send the top-K job instead. ``lost_after`` (seconds) limits the shards
-    to those no worker has claimed and that were enqueued longer ago than that: a stalled wait
-    re-sends only what the broker has most likely lost, never work in progress. Returns the
-    number of shards sent.
+    Stale, as for judgments (``db/work_items.py``): pending, not being embedded under a live lease,
+    and whose last message the broker no longer holds; so a rerun or a stalled wait sends again
+    only what was lost, never work queued or in progress. With no shard pending, send the top-K
+    job instead. Returns the number of shards sent.
     """
     with sf() as s:
-        status = s.scalar(select(RetrievalRun.status).where(RetrievalRun.id == run_id))
-        pending = select(EmbeddingShard.id).where(
-            EmbeddingShard.retrieval_run_id == run_id, EmbeddingShard.status == PENDING
-        )
-        any_pending = s.scalar(pending.limit(1)) is not None
-        if lost_after is not None:
-            cutoff = now() - timedelta(seconds=lost_after)
-            pending = pending.where(
-                EmbeddingShard.attempts == 0,
-                or_(EmbeddingShard.enqueued_at.is_(None), EmbeddingShard.enqueued_at < cutoff),
-            )
-        ids = list(s.scalars(pending.order_by(EmbeddingShard.kind.desc(), EmbeddingShard.shard_index)))
+        status, pending = retrieval_db.run_status(s, run_id), retrieval_db.any_pending(s, run_id)
+        ids = stale_shards(s, run_id, lambda: queued_task_ids([RETRIEVAL_QUEUE]))
     if status != RETRIEVAL_RUNNING:
         return 0
-    for shard_id in ids:
-        app.send_task(EMBED_SHARD_TASK, args=[shard_id], queue=RETRIEVAL_QUEUE)
-    if ids:
+    tasks = {uuid(): shard_id for shard_id in ids}
+    if tasks:
         with sf.begin() as s:
-            for part in chunked(ids):
-                s.execute(update(EmbeddingShard).where(EmbeddingShard.id.in_(part)).values(enqueued_at=now()))
-    if not any_pending:
+            record_sent(s, EmbeddingShard.__table__, {task_id: [i] for task_id, i in tasks.items()})
+    for task_id, shard_id in tasks.items():
+        app.send_task(EMBED_SHARD_TASK, args=[shard_id], queue=RETRIEVAL_QUEUE, task_id=task_id)
+    if not pending:
         app.send_task(RANK_CANDIDATES_TASK, args=[run_id], queue=RETRIEVAL_QUEUE)
     return len(ids)
 
@@ -325,18 +299,7 @@ def retrieval_progress(s: Session, run_id: int) -> RetrievalProgress:
     run = s.get(RetrievalRun, run_id)
     if run is None:
         raise LookupError(f"retrieval run {run_id} does not exist")
-    counts = {PENDING: 0, DONE: 0, FAILED: 0}
-    embedded = 0
-    for status, n, emb in s.execute(
-        select(EmbeddingShard.status, func.count(), func.coalesce(func.sum(EmbeddingShard.n_embedded), 0))
-        .where(EmbeddingShard.retrieval_run_id == run_id)
-        .group_by(EmbeddingShard.status)
-    ):
-        counts[status] = n
-        embedded += int(emb or 0)
-    skipped = s.scalar(
-        select(func.count()).select_from(SkippedImage).where(SkippedImage.retrieval_run_id == run_id)
-    )
+    counts, embedded, skipped = retrieval_db.progress_counts(s, run_id)
     return RetrievalProgress(
         run_id=run.id,
         name=run.name,
@@ -429,3 +392,42 @@ def describe(p: RetrievalProgress, metrics: dict[str, Any]) -> list[str]:
             f"hit rate {metrics['hit_rate']:.2f}"
         )
     return lines
+
+
+def run_retrieval(
+    sf: sessionmaker[Session], spec: RetrieveSpec, wait: bool, note: Callable[[str], object]
+) -> list[str]:
+    """``orchestrator retrieve``: store (or resume) the run, send its stale shards and, with ``wait``
+    (always, embedded), follow it until the top-K is stored. ``note``: says what is worth a warning
+    before the wait. Returns the lines to print.
+
+    Raises:
+        RetrieveError, RetrievalFailed.
+    """
+    from workers.app import is_embedded
+
+    with sf.begin() as s:
+        prepared = create_or_resume(s, spec)
+    if spec.random_init:
+        note(f"warning: --random-init: {spec.name!r} embeds with untrained weights (seed {spec.seed})")
+    if not prepared.created and prepared.status != RETRIEVAL_DONE:
+        note(f"resuming retrieval run {spec.name!r} (id {prepared.run_id}): stored shards are kept")
+    if prepared.status == RETRIEVAL_DONE:
+        pass
+    elif is_embedded():
+        from orchestrator.embedded import embedded_worker
+
+        enqueue(sf, prepared.run_id)  # before the worker starts, as in orchestrator/drive.py
+        with embedded_worker([RETRIEVAL_QUEUE]):
+            wait_for_retrieval(sf, prepared.run_id)
+    else:
+        sent = enqueue(sf, prepared.run_id)
+        if not wait:
+            return [f"retrieval run {spec.name!r} (id {prepared.run_id}): {sent} shards enqueued on `retrieval`"]
+        from orchestrator.drive import stall_seconds
+
+        wait_for_retrieval(
+            sf, prepared.run_id, on_stall=lambda: enqueue(sf, prepared.run_id), stall_seconds=stall_seconds()
+        )
+    with sf() as s:
+        return describe(retrieval_progress(s, prepared.run_id), run_summary(s, prepared.run_id))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Candidate, CandidateSet, Query, Run, RunQuery
-from db.upsert import insert_ignore
+from db.models import CandidateSet, Run
+from db.queries import add_run_queries, candidate_set_named, candidate_sets, query_names
 from orchestrator.strategies.registry import get_strategy
 from workers.judges.registry import (
     check_judge_name,
@@ -62,14 +62,46 @@ class RunSpec:
     shards: int | None = None  # per-GPU queues per model; None: CVGL_VLM_SHARDS
 
 
+JUDGE_OPTIONS = ("accuracy", "position_bias", "noise", "latency_ms")  # the simulated judge's
+STRATEGY_OPTIONS = ("top", "aggregate")
+
+
+def spec_from_options(
+    options: dict[str, Any], *, all_queries: bool = False, poison: Sequence[str] = (), embedded: bool = False
+) -> RunSpec:
+    """A RunSpec from the ``submit`` command's options: RunSpec's own fields, the simulated judge's
+    options (``JUDGE_OPTIONS``, ``poison``) and the strategy's (``STRATEGY_OPTIONS``,
+    ``both_orders``); None means not given.
+
+    Raises:
+        SubmitError: judge options for another judge, or ``poison`` in one process.
+    """
+    options = dict(options)
+    judge_options = {name: v for name in JUDGE_OPTIONS if (v := options.pop(name, None)) is not None}
+    if poison:
+        if embedded:
+            raise SubmitError("--poison kills the process that asks the judgment: use separate workers")
+        judge_options["poison"] = list(poison)
+    if judge_options and options.get("judge", "simulated") != "simulated":
+        raise SubmitError("--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only")
+    strategy_options: dict[str, Any] = {
+        name: v for name in STRATEGY_OPTIONS if (v := options.pop(name, None)) is not None
+    }
+    if options.pop("both_orders", False):
+        strategy_options["both_orders"] = True
+    if all_queries:
+        options["n_queries"] = None
+    return RunSpec(**options, judge_options=judge_options, strategy_options=strategy_options)
+
+
 def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
     if name:
-        cs = s.scalar(select(CandidateSet).where(CandidateSet.name == name))
+        cs = candidate_set_named(s, name)
         if cs is None:
-            known = ", ".join(s.scalars(select(CandidateSet.name).order_by(CandidateSet.name))) or "none"
+            known = ", ".join(sorted(c.name for c in candidate_sets(s))) or "none"
             raise SubmitError(f"no candidate set named {name!r} (known: {known})")
         return cs
-    sets = list(s.scalars(select(CandidateSet).order_by(CandidateSet.id)))
+    sets = candidate_sets(s)
     if not sets:
         raise SubmitError("no candidate set stored; run `orchestrator import-candidates` first")
     if len(sets) > 1:
@@ -124,14 +156,7 @@ def create_run(s: Session, spec: RunSpec) -> int:
     top = spec.strategy_options.get("top")
     if top is not None and top > spec.k:
         raise SubmitError(f"--top {top} exceeds --k {spec.k}")
-    names = dict(
-        s.execute(
-            select(Query.name, Query.id)
-            .join(Candidate, Candidate.query_id == Query.id)
-            .where(Candidate.candidate_set_id == cs.id, Candidate.rank == 1)
-        ).all()
-    )
-    query_ids = sample_queries(names, spec.n_queries, spec.seed)
+    query_ids = sample_queries(query_names(s, cs.id), spec.n_queries, spec.seed)
     # Stored complete, defaults filled in, so a report can say what the judge ran with.
     judge_options = {**judge_option_defaults(spec.judge), **spec.judge_options}
     if spec.judge == "simulated":
@@ -162,10 +187,5 @@ def create_run(s: Session, spec: RunSpec) -> int:
     )
     s.add(run)
     s.flush()
-    insert_ignore(
-        s,
-        RunQuery.__table__,
-        [{"run_id": run.id, "query_id": q} for q in query_ids],
-        key=["run_id", "query_id"],
-    )
+    add_run_queries(s, run.id, query_ids)
     return run.id

@@ -144,7 +144,11 @@ def judge_rows(task: Task, kind: str, ids: Sequence[int], adopt: Sequence[str] =
                 busy = set(claimed.busy)
                 try:
                     send_judgments(
-                        info, kind, [(i.id, i.query_id) for i in group if i.id in busy], countdown=wait
+                        info,
+                        kind,
+                        [(i.id, i.query_id) for i in group if i.id in busy],
+                        countdown=wait,
+                        sessions=sessions,
                     )
                 except Exception:  # the broker is down: reconcile sends them again
                     log.exception("could not defer %d duplicate judgments", len(busy))
@@ -212,7 +216,9 @@ def resend(kind: str, ids: Sequence[int]) -> int:
         by_run: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for inp in judgment_inputs(s, kind, ids, runs):
             by_run[inp.run_id].append((inp.id, inp.query_id))
-    return sum(send_judgments(runs[r], kind, rows, batch_size=1) for r, rows in by_run.items() if runs.get(r))
+    return sum(
+        send_judgments(runs[r], kind, rows, batch_size=1, sessions=sessions) for r, rows in by_run.items() if runs.get(r)
+    )
 
 
 def _judge_status(judge) -> dict:

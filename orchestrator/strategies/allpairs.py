@@ -44,6 +44,9 @@ class AllPairs:
             raise StrategyOptionError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
         self.aggregate = aggregate
 
+    def judgments_per_query(self, n: int) -> int:
+        return n * (n - 1) // 2
+
     def replay(
         self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], float]
     ) -> Done | Need:

@@ -36,6 +36,10 @@ class Strategy(Protocol):
 
     def replay(self, candidates: Sequence[Any], outcomes: Mapping[Any, Any]) -> Done | Need: ...
 
+    def judgments_per_query(self, n: int) -> int:
+        """Judgments a query of ``n`` candidates needs at most (what a progress bar counts to)."""
+        ...
+
 
 class UnknownStrategy(KeyError):
     def __str__(self) -> str:

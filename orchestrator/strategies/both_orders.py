@@ -37,6 +37,9 @@ class BothOrders:
         self.inner = inner
         self.name = inner.name
 
+    def judgments_per_query(self, n: int) -> int:
+        return 2 * self.inner.judgments_per_query(n)
+
     def replay(self, candidates: Sequence[Hashable], outcomes: Mapping[Pair, float]) -> Done | Need:
         """Args:
             candidates: items in stage-1 order, distinct.

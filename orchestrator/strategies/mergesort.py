@@ -17,6 +17,9 @@ class MergeSort:
     name = "mergesort"
     kind = "pairwise"
 
+    def judgments_per_query(self, n: int) -> int:
+        return worst_case_comparisons(n)
+
     def replay(
         self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], bool]
     ) -> Done | Need:

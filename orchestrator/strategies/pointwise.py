@@ -15,6 +15,9 @@ class Pointwise:
     name = "pointwise"
     kind = "pointwise"
 
+    def judgments_per_query(self, n: int) -> int:
+        return n
+
     def replay(
         self, candidates: Sequence[Hashable], outcomes: Mapping[Hashable, float | None]
     ) -> Done | Need:

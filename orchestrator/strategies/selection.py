@@ -34,6 +34,9 @@ class Selection:
     def __init__(self, top: int = DEFAULT_TOP) -> None:
         self.top = check_top(top)
 
+    def judgments_per_query(self, n: int) -> int:
+        return selection_comparisons(n, self.top)
+
     def replay(
         self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], bool]
     ) -> Done | Need:

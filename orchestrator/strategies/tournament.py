@@ -40,6 +40,9 @@ class Tournament:
     def __init__(self, top: int = DEFAULT_TOP) -> None:
         self.top = check_top(top)
 
+    def judgments_per_query(self, n: int) -> int:
+        return tournament_bound(n, self.top)
+
     def replay(
         self, candidates: Sequence[Hashable], outcomes: Mapping[tuple[Hashable, Hashable], bool]
     ) -> Done | Need:

@@ -80,7 +80,7 @@ def drive(sf, spec: RunSpec, seed: int, check) -> int:
                 "t",
             )
         if step % 7 == 3:
-            reconcile(run_id, None, sf)  # resume: re-enqueues and replays every open query
+            reconcile(run_id, sf)  # resume: re-sends stale judgments and replays every open query
         else:
             coordinator.advance(run_id, sorted({q for _, q, _, _ in batch}), sessions=sf)
     raise AssertionError("the run did not finish")
@@ -136,7 +136,7 @@ def test_each_query_goes_to_its_own_gpu_queue(stored, monkeypatch):
     sent: list[tuple[str, list[int]]] = []
     limits: list[float] = []
 
-    def send_task(name, args, queue, time_limit):
+    def send_task(name, args, queue, time_limit, task_id):
         assert name == JUDGE_PAIRWISE_TASK
         sent.append((queue, args[0]))
         limits.append(time_limit)

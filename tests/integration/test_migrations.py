@@ -55,10 +55,7 @@ def test_postgresql_migrates_to_head_without_drift_and_back(pg_url):
     engine.dispose()
 
 
-def test_sqlite_keeps_every_row_when_migrating_a_populated_database(tmp_path):
-    # SQLite rebuilds a table to alter it, and dropping the old copy fires ON DELETE CASCADE in
-    # its children: a migration that rebuilt ``runs`` once emptied run_queries and rankings.
-    url = f"sqlite:///{tmp_path / 'm.sqlite3'}"
+def _populate_at_0003_and_upgrade(url: str) -> list[int]:
     cfg = alembic_config()
     engine = get_engine(url)
     with engine.begin() as conn:
@@ -68,6 +65,9 @@ def test_sqlite_keeps_every_row_when_migrating_a_populated_database(tmp_path):
         conn.exec_driver_sql("INSERT INTO datasets (id, root, name, created_at) VALUES (1, '/d', 'd', '2026-01-01')")
         conn.exec_driver_sql(
             "INSERT INTO tiles (id, dataset_id, city, name, path, lat, lon) VALUES (1, 1, 'X', 't', 't', 0, 0)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO tiles (id, dataset_id, city, name, path, lat, lon) VALUES (2, 1, 'X', 'u', 'u', 0, 0)"
         )
         conn.exec_driver_sql(
             "INSERT INTO queries (id, dataset_id, city, name, panoid, path, lat, lon)"
@@ -85,8 +85,31 @@ def test_sqlite_keeps_every_row_when_migrating_a_populated_database(tmp_path):
         )
         conn.exec_driver_sql("INSERT INTO run_queries (run_id, query_id, done_at) VALUES (1, 1, '2026-01-01')")
         conn.exec_driver_sql("INSERT INTO rankings (run_id, query_id, rank, tile_id) VALUES (1, 1, 1, 1)")
+        conn.exec_driver_sql(
+            "INSERT INTO pairwise_verdicts (id, run_id, query_id, tile_first, tile_second, status, attempts,"
+            " created_at) VALUES (1, 1, 1, 1, 2, 'pending', 0, '2026-01-01')"
+        )
     upgrade_to_head(url)
+    tables = ("runs", "run_queries", "rankings", "pairwise_verdicts")
     with engine.connect() as conn:
-        counts = [conn.exec_driver_sql(f"SELECT COUNT(*) FROM {t}").scalar() for t in ("runs", "run_queries", "rankings")]
+        counts = [conn.exec_driver_sql(f"SELECT COUNT(*) FROM {t}").scalar() for t in tables]
+        # 0008: the task id column is there, empty on existing rows (such a row is stale, as it should be).
+        assert conn.exec_driver_sql("SELECT task_id FROM pairwise_verdicts").scalar() is None
     engine.dispose()
-    assert counts == [1, 1, 1]
+    return counts
+
+
+def test_sqlite_keeps_every_row_when_migrating_a_populated_database(tmp_path):
+    # SQLite rebuilds a table to alter it, and dropping the old copy fires ON DELETE CASCADE in
+    # its children: a migration that rebuilt ``runs`` once emptied run_queries and rankings.
+    assert _populate_at_0003_and_upgrade(f"sqlite:///{tmp_path / 'm.sqlite3'}") == [1, 1, 1, 1]
+
+
+def test_postgresql_keeps_every_row_when_migrating_a_populated_database(pg_url):
+    cfg = alembic_config()
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    engine.dispose()
+    assert _populate_at_0003_and_upgrade(pg_url) == [1, 1, 1, 1]

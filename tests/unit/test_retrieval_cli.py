@@ -11,6 +11,7 @@ from alembic import command
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
+from db import retrieval as retrieval_db
 from db.engine import database_url, session_factory
 from db.migrate import alembic_config, upgrade_to_head
 from db.models import EmbeddingShard, Query, RetrievalRun, SkippedImage, Tile
@@ -143,15 +144,15 @@ def test_rerunning_a_failed_run_retries_what_is_not_stored(ingested):
     with session_factory().begin() as s:
         first, second, third = s.scalars(select(EmbeddingShard.id).order_by(EmbeddingShard.id).limit(3)).all()
         s.execute(EmbeddingShard.__table__.update().where(EmbeddingShard.id == third).values(attempts=2))
-        done = store.shard_work(s, first)
+        done = retrieval_db.shard_work(s, first)
         s.execute(
             EmbeddingShard.__table__.update()
             .where(EmbeddingShard.id == first)
             .values(status="done", attempts=1, n_embedded=5)
         )
-        store.skip_images(s, done, {0: "corrupt"})
-        store.give_up_shard(s, store.shard_work(s, second), "gave up after 3 attempts")
-        store.fail_run(s, run_id, "checkpoint ... does not fit")
+        retrieval_db.skip_images(s, done, {0: "corrupt"})
+        retrieval_db.give_up_shard(s, retrieval_db.shard_work(s, second), "gave up after 3 attempts")
+        retrieval_db.fail_run(s, run_id, "checkpoint ... does not fit")
     assert _count(SkippedImage) == 1 + 5
     with session_factory().begin() as s:
         again = create_or_resume(s, RetrieveSpec(name="r", random_init=True, shard_size=5))

@@ -21,10 +21,10 @@ import time
 from celery import Task
 from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from db import leases
+from db import retrieval as retrieval_db
 from db.engine import session_factory
 from db.models import FAILED, PENDING, RETRIEVAL_RUNNING, EmbeddingShard, RetrievalRun
 from workers.app import DB_RETRY_BACKOFF_MAX, DB_RETRY_MAX, app
@@ -74,7 +74,7 @@ def embed_shard(self: Task, shard_id: int, holders: list[str] | None = None) -> 
 def _embed_shard(task: Task, shard_id: int, adopt: list[str]) -> dict:
     sessions = session_factory()
     with sessions.begin() as s:
-        work = store.shard_work(s, shard_id)
+        work = retrieval_db.shard_work(s, shard_id)
     if work is None:
         return {"shard": shard_id, "skipped": "no such shard"}
     if work.status != PENDING:
@@ -91,10 +91,10 @@ def _embed_shard(task: Task, shard_id: int, adopt: list[str]) -> dict:
         if claimed.recovered:  # one shard: taken again at once (an attempt), or failed if spent
             if leases.take_one(s, table, shard_id, extra={"worker": worker}, **lease_args):
                 claimed.fresh.append(shard_id)
-            elif s.scalar(select(EmbeddingShard.status).where(EmbeddingShard.id == shard_id)) == FAILED:
+            elif retrieval_db.shard_status(s, shard_id) == FAILED:
                 claimed.spent = [shard_id]
         if claimed.spent:
-            store.skip_images(s, work, dict.fromkeys(range(len(work.item_ids)), give_up))
+            retrieval_db.skip_images(s, work, dict.fromkeys(range(len(work.item_ids)), give_up))
     if claimed.spent:
         log.error("%s", give_up)
         _rank_when_embedded(work.run_id)
@@ -109,7 +109,7 @@ def _embed_shard(task: Task, shard_id: int, adopt: list[str]) -> dict:
         return _embed_held(sessions, work, worker, me)
 
 
-def _embed_held(sessions, work: store.ShardWork, worker: str, me: str) -> dict:
+def _embed_held(sessions, work: retrieval_db.ShardWork, worker: str, me: str) -> dict:
     """Embed a shard this process holds the lease of, and store it."""
     shard_id = work.shard_id
     from workers.retrieval.encoder import CheckpointError, EncoderSpec, UnknownModel, get_encoder
@@ -137,7 +137,7 @@ def _embed_held(sessions, work: store.ShardWork, worker: str, me: str) -> dict:
         _fail_run(work.run_id, f"{work.label} on {worker}: {type(exc).__name__}: {exc}")
         return {"shard": shard_id, "run_failed": str(exc)}
     with sessions.begin() as s:
-        stored = store.complete_shard(
+        stored = retrieval_db.complete_shard(
             s,
             work,
             n_embedded=result.n_embedded,
@@ -165,14 +165,14 @@ def _embed_held(sessions, work: store.ShardWork, worker: str, me: str) -> dict:
 
 def _fail_run(run_id: int, error: str) -> None:
     with session_factory().begin() as s:
-        store.fail_run(s, run_id, error)
+        retrieval_db.fail_run(s, run_id, error)
     log.error("retrieval run %d failed: %s", run_id, error)
 
 
 def _rank_when_embedded(run_id: int) -> None:
     """The delivery that leaves no shard pending starts the top-K job (a duplicate is harmless)."""
     with session_factory()() as s:
-        if store.shard_counts(s, run_id)[PENDING]:
+        if retrieval_db.shard_counts(s, run_id)[PENDING]:
             return
     try:
         app.send_task(RANK_CANDIDATES_TASK, args=[run_id], queue=RETRIEVAL_QUEUE)
@@ -191,7 +191,7 @@ def rank_candidates(self: Task, run_id: int) -> dict:
             return {"run": run_id, "skipped": "no such run"}
         if run.status != RETRIEVAL_RUNNING:
             return {"run": run_id, "skipped": f"run is {run.status}"}
-        if store.shard_counts(s, run_id)[PENDING]:
+        if retrieval_db.shard_counts(s, run_id)[PENDING]:
             return {"run": run_id, "skipped": "shards still pending"}
         try:
             inp = store.ranking_input(s, run_id)
@@ -224,7 +224,7 @@ def rank_candidates(self: Task, run_id: int) -> dict:
     rank_seconds = time.perf_counter() - start
     try:
         with sessions.begin() as s:
-            cs_id = store.store_ranking(
+            cs_id = retrieval_db.store_ranking(
                 s,
                 inp,
                 ranked.indices,
