@@ -169,6 +169,9 @@ def follow(
                 if state.label:
                     bar.set_description(state.label)
             if finished(p):
+                if bar is not None and bar.n < bar.total:  # done under its bound: the bar ends full
+                    bar.total = bar.n
+                    bar.refresh()
                 return p
             now = time.monotonic()
             if fingerprint(p) != last:
