@@ -2,7 +2,8 @@
 
 ``CVGL_TEST_DATABASE_URL`` (a server where databases can be created) and ``CVGL_TEST_REDIS_URL``
 select running servers (``.ci/run`` starts them); otherwise the session starts its own on free
-loopback ports. Every test gets a fresh migrated database and an empty Redis.
+loopback ports. Every test gets a fresh migrated database (a copy of one migrated once per
+session) and an empty Redis.
 """
 
 from __future__ import annotations
@@ -62,24 +63,55 @@ def pg_admin_url(pg_server) -> str:
     )
 
 
-@pytest.fixture
-def pg_url(pg_admin_url) -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for one test."""
+def _create_database(admin_url: str, template: str | None = None) -> tuple[str, str]:
     name = f"cvgl_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
-    upgrade_to_head(url)
-    yield url
+        c.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    admin.dispose()
+    return name, admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop_database(admin_url: str, name: str, url: str) -> None:
     from db.engine import _ENGINES
 
     engine = _ENGINES.pop(url, None)
     if engine is not None:
         engine.dispose()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url) -> Iterator[str]:
+    """A database migrated once per session, copied for each test (a copy takes a fraction of
+    the time of a full Alembic run)."""
+    from db.engine import _ENGINES
+
+    name, url = _create_database(pg_admin_url)
+    upgrade_to_head(url)
+    _ENGINES.pop(url).dispose()  # PostgreSQL copies a template only while nobody is connected to it
+    yield name
+    _drop_database(pg_admin_url, name, url)
+
+
+@pytest.fixture
+def pg_url(pg_admin_url, pg_template) -> Iterator[str]:
+    """A migrated PostgreSQL database of this test's own: a copy of the session's template."""
+    name, url = _create_database(pg_admin_url, template=pg_template)
+    yield url
+    _drop_database(pg_admin_url, name, url)
+
+
+@pytest.fixture
+def pg_fresh_url(pg_admin_url) -> Iterator[str]:
+    """A fresh PostgreSQL database migrated from nothing, for the tests of the migrations themselves."""
+    name, url = _create_database(pg_admin_url)
+    upgrade_to_head(url)
+    yield url
+    _drop_database(pg_admin_url, name, url)
 
 
 @pytest.fixture
@@ -112,10 +144,24 @@ def stack_env(pg_url, clean_redis, tmp_path) -> dict[str, str]:
     return env
 
 
+# Commands that neither send work to the broker nor wait for it. When a test expects one to
+# succeed it runs in this process: a Python start-up (about a second on two busy cores) less each.
+# Without a broker every command runs in the CLI's own process anyway (the embedded worker).
+IN_PROCESS = frozenset({"synth", "ingest", "import-candidates", "status", "report", "figures", "migrate"})
+
+
 def cli(
     env: dict[str, str], *args: str, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m orchestrator ARGS`` as a user would."""
+    """Run ``python -m orchestrator ARGS`` as a user would.
+
+    A call expected to succeed (``check``) of a command in ``IN_PROCESS``, or of any command in
+    the embedded mode (no ``CVGL_BROKER_URL``), runs through click in this process with ``env``'s
+    settings; every other call, and every call whose failure is the point (its exit code and
+    stderr as a user sees them), runs in a process of its own.
+    """
+    if check and args and (args[0] in IN_PROCESS or not env.get("CVGL_BROKER_URL")):
+        return _cli_in_process(env, args)
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
         env=env,
@@ -129,6 +175,26 @@ def cli(
             f"orchestrator {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def _cli_in_process(env: dict[str, str], args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    from click.testing import CliRunner
+
+    from db.engine import _ENGINES
+    from orchestrator.cli import cli as orchestrator_cli
+
+    # The settings are read from the environment: exactly env's CVGL_* for the call, no others.
+    settings: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CVGL_")}
+    settings.update({k: v for k, v in env.items() if k.startswith("CVGL_")})
+    engines = set(_ENGINES)
+    try:
+        result = CliRunner().invoke(orchestrator_cli, list(args), env=settings, catch_exceptions=False)
+    finally:
+        for url in set(_ENGINES) - engines:  # as a process's would, its connections end with it
+            _ENGINES.pop(url).dispose()
+    if result.exit_code != 0:
+        raise AssertionError(f"orchestrator {' '.join(args)} exited {result.exit_code}:\n{result.output}")
+    return subprocess.CompletedProcess(["orchestrator", *args], result.exit_code, result.stdout, result.stderr)
 
 
 @dataclass
@@ -203,9 +269,17 @@ class CeleryWorker:
         self.process = None
 
     def stop(self) -> None:
+        self.terminate()
+        self.wait_stopped()
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM) without waiting for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait_stopped(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -225,5 +299,7 @@ def workers(stack_env, tmp_path) -> Iterator[callable]:
         return w
 
     yield start
+    for w in started:  # all at once: each warm shutdown takes a second or two
+        w.terminate()
     for w in started:
-        w.stop()
+        w.wait_stopped()

@@ -45,11 +45,11 @@ def test_sqlite_migrates_to_head_without_drift_and_back(tmp_path):
     _assert_no_drift(url)
 
 
-def test_postgresql_migrates_to_head_without_drift_and_back(pg_url):
-    _assert_no_drift(pg_url)  # the fixture already upgraded it
-    _down_and_up(pg_url)
-    _assert_no_drift(pg_url)
-    engine = create_engine(pg_url)
+def test_postgresql_migrates_to_head_without_drift_and_back(pg_fresh_url):
+    _assert_no_drift(pg_fresh_url)  # the fixture migrated it from nothing
+    _down_and_up(pg_fresh_url)
+    _assert_no_drift(pg_fresh_url)
+    engine = create_engine(pg_fresh_url)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
     engine.dispose()

@@ -101,6 +101,8 @@ def test_run_survives_worker_and_coordinator_kills(stack_env, dataset, pg_url, w
     done_at_kill = count("done")
     time.sleep(1.0)
     workers(["coordination"], "coordinator-2")  # restart
+    # A second judge worker shares the rest of the run (thousands of 8 ms judgments).
+    workers(["vlm.simulated"], "vlm-simulated-2", app="workers.app")
     resumed = cli(stack_env, "resume", str(run_id), "--wait", timeout=240)
     assert f"run {run_id}" in resumed.stdout
 
