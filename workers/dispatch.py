@@ -69,6 +69,7 @@ def send_judgments(
             queue=queue,
             task_id=task_id,
             time_limit=time_limit(len(ids)),
+            countdown=countdown,
         )
     return len(tasks)
 

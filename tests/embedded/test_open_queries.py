@@ -136,7 +136,7 @@ def test_each_query_goes_to_its_own_gpu_queue(stored, monkeypatch):
     sent: list[tuple[str, list[int]]] = []
     limits: list[float] = []
 
-    def send_task(name, args, queue, time_limit, task_id):
+    def send_task(name, args, queue, time_limit, task_id, countdown=None):
         assert name == JUDGE_PAIRWISE_TASK
         sent.append((queue, args[0]))
         limits.append(time_limit)
