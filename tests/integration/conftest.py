@@ -42,7 +42,20 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer | None]:
 
 @pytest.fixture(scope="session")
 def redis_url(redis_server) -> str:
-    return os.environ.get("CVGL_TEST_REDIS_URL") or redis_server.url
+    if redis_server is not None:
+        return redis_server.url
+    return _own_database(os.environ["CVGL_TEST_REDIS_URL"])
+
+
+def _own_database(url: str) -> str:
+    """Under pytest-xdist, a shared Redis gives each test process its own database number, so one
+    process's ``flushdb`` never empties another's queues (kombu prefixes fanout channels with it too)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return url
+    number = int(worker.removeprefix("gw")) + 1
+    base, _, last = url.rstrip("/").rpartition("/")
+    return f"{base}/{number}" if last.isdigit() and "//" in base else f"{url.rstrip('/')}/{number}"
 
 
 @pytest.fixture(scope="session")
