@@ -12,12 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Candidate, CandidateSet, Dataset, Query, Tile
+from db.datasets import candidate_triples, dataset_ids_named, datasets_holding, name_to_id
+from db.models import Candidate, CandidateSet, Query, Tile
+from db.queries import candidate_set_named
 from db.upsert import insert_ignore
-from orchestrator.ingest import name_to_id
 
 
 class CandidateFileError(ValueError):
@@ -75,15 +75,12 @@ def read_candidates_csv(path: str | Path) -> dict[str, list[tuple[int, str, floa
 def resolve_dataset(s: Session, dataset: str | None, query_names: list[str]) -> int:
     """The dataset given (root path or name), or the one whose queries these names are."""
     if dataset:
-        root = str(Path(dataset).resolve())
-        ids = list(s.scalars(select(Dataset.id).where((Dataset.root == root) | (Dataset.name == dataset))))
+        ids = dataset_ids_named(s, dataset)
         if len(ids) != 1:
             raise CandidateFileError(f"dataset {dataset!r} is {'ambiguous' if ids else 'not ingested'}")
         return ids[0]
     sample = query_names[:50]
-    hits = s.execute(
-        select(Query.dataset_id, func.count()).where(Query.name.in_(sample)).group_by(Query.dataset_id)
-    ).all()
+    hits = datasets_holding(s, sample)
     if not hits:
         raise CandidateFileError("none of the file's queries is ingested; run `orchestrator ingest` first")
     if len(hits) > 1:
@@ -111,16 +108,9 @@ def import_candidates(s: Session, path: str | Path, name: str, dataset: str | No
         for q, lst in per_query.items()
         for r, t, sc in lst
     ]
-    existing = s.scalar(select(CandidateSet).where(CandidateSet.name == name))
+    existing = candidate_set_named(s, name)
     if existing is not None:
-        stored = {
-            (q, r, t)
-            for q, r, t in s.execute(
-                select(Candidate.query_id, Candidate.rank, Candidate.tile_id).where(
-                    Candidate.candidate_set_id == existing.id
-                )
-            )
-        }
+        stored = candidate_triples(s, existing.id)
         if stored != {(x["query_id"], x["rank"], x["tile_id"]) for x in rows}:
             raise CandidateFileError(
                 f"candidate set {name!r} already exists with other candidates; choose another --name"

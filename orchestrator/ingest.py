@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Dataset, GroundTruth, Query, Tile
+from db.datasets import ensure_dataset, name_to_id
+from db.models import GroundTruth, Query, Tile
 from db.queries import chunked
 from db.upsert import insert_ignore
 from orchestrator.vigor import VigorData, read_vigor
@@ -24,16 +24,6 @@ class IngestSummary:
     new_queries: int
     new_labels: int
     missing_images: int
-
-
-def ensure_dataset(s: Session, root: Path) -> int:
-    root = root.resolve()
-    insert_ignore(s, Dataset.__table__, [{"root": str(root), "name": root.name}], key=["root"])
-    return s.scalar(select(Dataset.id).where(Dataset.root == str(root)))
-
-
-def name_to_id(s: Session, model: type[Tile] | type[Query], dataset_id: int) -> dict[str, int]:
-    return dict(s.execute(select(model.name, model.id).where(model.dataset_id == dataset_id)).all())
 
 
 def ingest_directory(
