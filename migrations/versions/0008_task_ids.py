@@ -2,7 +2,7 @@
 
 Revision ID: 0008
 Revises: 0007
-Create Date: 2026-12-02
+Create Date: 2026-11-30
 
 ``resume`` re-sends only work items that are stale (``db/work_items.py``): pending, under no live
 lease, and whose last message is no longer in the broker; ``task_id`` names that message. Added
