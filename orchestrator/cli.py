@@ -1,7 +1,7 @@
-"""The ``orchestrator`` command: synth, ingest, import-candidates, retrieve, submit, status, resume,
-report, figures, worker, coordinator, migrate, demo.
+"""The ``orchestrator`` command: migrate, synth, ingest, import-candidates, retrieve, submit, status,
+watch, cancel, resume, report, figures, calibrate, worker, coordinator, demo.
 
-One short function per command; domain errors become one-line ``click.ClickException``s (exit 1).
+Each command parses its options, calls one function and prints; domain errors become one-line ``click.ClickException``s (exit 1).
 ``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` (or ``--database-url`` / ``--broker-url``) select
 PostgreSQL and Redis; unset, the command runs on a SQLite file and an in-process broker with a
 worker it starts itself. Settings are read once here, at the edge (``db.settings``).
