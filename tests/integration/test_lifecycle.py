@@ -3,6 +3,7 @@ nothing, Ctrl-C leaves the run going and says how to follow it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,9 +53,12 @@ def test_resume_sends_only_stale_judgments_and_watch_sends_nothing(stack_env, da
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(4)  # imports, then a few polls
+    # Ctrl-C once it follows the run (its bar is on stderr), not while Python is still importing.
+    first = os.read(watcher.stderr.fileno(), 256).decode()
+    time.sleep(1)  # a few polls
     watcher.send_signal(signal.SIGINT)
     _, err = watcher.communicate(timeout=30)
+    err = first + err
     assert watcher.returncode == 130, err
     for command in (f"orchestrator watch {run_id}", f"orchestrator resume {run_id}", f"orchestrator cancel {run_id}"):
         assert command in err
