@@ -25,10 +25,13 @@ def name_to_id(s: Session, model: type[Tile] | type[Query], dataset_id: int) -> 
     return dict(s.execute(select(model.name, model.id).where(model.dataset_id == dataset_id)).all())
 
 
-def dataset_ids_named(s: Session, root_or_name: str) -> list[int]:
-    """Datasets whose root (resolved) or name is ``root_or_name``."""
-    root = str(Path(root_or_name).resolve())
-    return list(s.scalars(select(Dataset.id).where((Dataset.root == root) | (Dataset.name == root_or_name))))
+def datasets(s: Session, dataset: str | None = None) -> list[Dataset]:
+    """Every dataset by id, or those whose root or name is ``dataset``."""
+    stmt = select(Dataset).order_by(Dataset.id)
+    if dataset:
+        root = str(Path(dataset).expanduser().resolve())
+        stmt = stmt.where((Dataset.root == root) | (Dataset.name == dataset))
+    return list(s.scalars(stmt))
 
 
 def datasets_holding(s: Session, query_names: Sequence[str]) -> list[tuple[int, int]]:

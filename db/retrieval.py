@@ -225,17 +225,6 @@ def shard_status(s: Session, shard_id: int) -> str | None:
     return s.scalar(select(EmbeddingShard.status).where(EmbeddingShard.id == shard_id))
 
 
-def shard_counts(s: Session, run_id: int) -> dict[str, int]:
-    counts = {PENDING: 0, DONE: 0, FAILED: 0}
-    for status, n in s.execute(
-        select(EmbeddingShard.status, func.count())
-        .where(EmbeddingShard.retrieval_run_id == run_id)
-        .group_by(EmbeddingShard.status)
-    ):
-        counts[status] = n
-    return counts
-
-
 @dataclass(frozen=True)
 class RankingInput:
     run_id: int
@@ -425,15 +414,6 @@ def ground_truth(s: Session, query_ids: Sequence[int]) -> list[Row]:
 # runs (orchestrator retrieve)
 
 
-def datasets(s: Session, dataset: str | None = None) -> list[Dataset]:
-    """Every dataset by id, or those whose root or name is ``dataset``."""
-    stmt = select(Dataset).order_by(Dataset.id)
-    if dataset:
-        root = str(Path(dataset).expanduser().resolve())
-        stmt = stmt.where((Dataset.root == root) | (Dataset.name == dataset))
-    return list(s.scalars(stmt))
-
-
 def dataset_items(s: Session, dataset_id: int) -> tuple[list[int], list[int]]:
     """The dataset's tile ids and query ids, in id order."""
     tiles = list(s.scalars(select(Tile.id).where(Tile.dataset_id == dataset_id).order_by(Tile.id)))
@@ -443,10 +423,6 @@ def dataset_items(s: Session, dataset_id: int) -> tuple[list[int], list[int]]:
 
 def run_by_name(s: Session, name: str) -> RetrievalRun | None:
     return s.scalar(select(RetrievalRun).where(RetrievalRun.name == name))
-
-
-def candidate_set_by_name(s: Session, name: str) -> CandidateSet | None:
-    return s.scalar(select(CandidateSet).where(CandidateSet.name == name))
 
 
 def add_shards(s: Session, rows: Sequence[dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from db.datasets import candidate_triples, dataset_ids_named, datasets_holding, name_to_id
+from db.datasets import candidate_triples, datasets, datasets_holding, name_to_id
 from db.models import Candidate, CandidateSet, Query, Tile
 from db.queries import candidate_set_named
 from db.upsert import insert_ignore
@@ -75,7 +75,7 @@ def read_candidates_csv(path: str | Path) -> dict[str, list[tuple[int, str, floa
 def resolve_dataset(s: Session, dataset: str | None, query_names: list[str]) -> int:
     """The dataset given (root path or name), or the one whose queries these names are."""
     if dataset:
-        ids = dataset_ids_named(s, dataset)
+        ids = [d.id for d in datasets(s, dataset)]
         if len(ids) != 1:
             raise CandidateFileError(f"dataset {dataset!r} is {'ambiguous' if ids else 'not ingested'}")
         return ids[0]

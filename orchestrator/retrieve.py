@@ -21,6 +21,7 @@ from celery.utils import uuid
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import retrieval as retrieval_db
+from db.datasets import datasets
 from db.models import (
     DONE,
     FAILED,
@@ -31,6 +32,7 @@ from db.models import (
     EmbeddingShard,
     RetrievalRun,
 )
+from db.queries import candidate_set_named
 from db.reports import retrieval_recall
 from db.retrieval import QUERY, TILE
 from db.work_items import record_sent, stale_shards
@@ -85,7 +87,7 @@ class Prepared:
 
 
 def pick_dataset(s: Session, dataset: str | None) -> Dataset:
-    found = retrieval_db.datasets(s, dataset)
+    found = datasets(s, dataset)
     if dataset:
         if len(found) != 1:
             raise RetrieveError(f"dataset {dataset!r} is {'ambiguous' if found else 'not ingested'}")
@@ -172,7 +174,7 @@ def create_or_resume(s: Session, spec: RetrieveSpec) -> Prepared:
     checkpoint = str(Path(spec.checkpoint).expanduser().resolve()) if spec.checkpoint else None
     wanted = _settings(spec, dataset.id, checkpoint, len(tile_ids), len(query_ids))
     run = retrieval_db.run_by_name(s, spec.name)
-    other_set = retrieval_db.candidate_set_by_name(s, spec.name)
+    other_set = candidate_set_named(s, spec.name)
     if other_set is not None and (run is None or run.candidate_set_id != other_set.id):
         raise RetrieveError(
             f"a candidate set named {spec.name!r} already exists ({other_set.source}); choose another --name"

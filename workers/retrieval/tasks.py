@@ -172,7 +172,7 @@ def _fail_run(run_id: int, error: str) -> None:
 def _rank_when_embedded(run_id: int) -> None:
     """The delivery that leaves no shard pending starts the top-K job (a duplicate is harmless)."""
     with session_factory()() as s:
-        if retrieval_db.shard_counts(s, run_id)[PENDING]:
+        if retrieval_db.any_pending(s, run_id):
             return
     try:
         app.send_task(RANK_CANDIDATES_TASK, args=[run_id], queue=RETRIEVAL_QUEUE)
@@ -191,7 +191,7 @@ def rank_candidates(self: Task, run_id: int) -> dict:
             return {"run": run_id, "skipped": "no such run"}
         if run.status != RETRIEVAL_RUNNING:
             return {"run": run_id, "skipped": f"run is {run.status}"}
-        if retrieval_db.shard_counts(s, run_id)[PENDING]:
+        if retrieval_db.any_pending(s, run_id):
             return {"run": run_id, "skipped": "shards still pending"}
         try:
             inp = store.ranking_input(s, run_id)
