@@ -373,3 +373,80 @@ class RetrievalQueryRank(Base):
     positive_rank: Mapped[int | None] = mapped_column(Integer)
     hit_rank: Mapped[int | None] = mapped_column(Integer)
     positive_score: Mapped[float | None] = mapped_column(Float)
+
+
+# ----------------------------------------------------------------------------------------------
+# fine-tuning (migration 0009)
+
+
+class Adapter(Base):
+    """A LoRA adapter of a pairwise judge, trained by one queued job (a work item, like a judgment:
+    'pending' while queued or training, leased by the trainer process, then 'done' or 'failed').
+
+    Its files live under ``output_dir``: ``checkpoints/step-<N>/`` (each referenced by an
+    ``adapter_checkpoints`` row once written whole) and ``adapter/``, the final adapter, whose
+    content hash ``adapter_sha256`` names it in the revision of every judgment it makes.
+    """
+
+    __tablename__ = "adapters"
+    __table_args__ = (CheckConstraint("status IN ('pending', 'done', 'failed')", name="status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    judge: Mapped[str] = mapped_column(String(64))  # 'llava' | 'qwen2.5-vl'
+    base_model: Mapped[str] = mapped_column(Text)  # hub id or folder, as given
+    base_revision: Mapped[str | None] = mapped_column(String(128))  # as resolved by the trainer
+    candidate_set_id: Mapped[int] = mapped_column(ForeignKey("candidate_sets.id", ondelete="CASCADE"))
+    queue: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # LoRA and optimiser settings, seed
+    total_steps: Mapped[int] = mapped_column(Integer)
+    n_examples: Mapped[int] = mapped_column(Integer)  # training examples (pairs x orders)
+    output_dir: Mapped[str] = mapped_column(Text)  # absolute; shared by every training worker
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, server_default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    leased_by: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AdapterQuery(Base):
+    """The queries an adapter learnt from ('train') or was validated on ('val'): what ``submit
+    --adapter`` checks a run's queries against (leakage)."""
+
+    __tablename__ = "adapter_queries"
+    __table_args__ = (CheckConstraint("role IN ('train', 'val')", name="role"),)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))
+
+
+class TrainingStep(Base):
+    """One optimiser step's figures; validation rows (every ``--eval-every`` steps, and step 0
+    before any training) carry the pairwise accuracy on the held-out queries."""
+
+    __tablename__ = "training_steps"
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float | None] = mapped_column(Float)  # mean over the step's examples
+    lr: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)  # the step's wall time
+    created_at: Mapped[datetime] = _now()
+
+
+class AdapterCheckpoint(Base):
+    """A checkpoint folder written whole (adapter, optimiser, scheduler, random state, data
+    position): a killed trainer resumes from the newest one."""
+
+    __tablename__ = "adapter_checkpoints"
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)  # relative to the adapter's output_dir
+    created_at: Mapped[datetime] = _now()

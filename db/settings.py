@@ -64,6 +64,10 @@ class Settings:
         "CVGL_EMBEDDINGS_DIR", None, "stage-1 embedding files (one float16 `.npy` per shard); with "
         "PostgreSQL, shared storage mounted at the same path on every retrieval worker",
         shown="`CVGL_HOME/embeddings`")  # fmt: skip
+    adapters_dir: Path | None = _setting(
+        "CVGL_ADAPTERS_DIR", None, "fine-tuned adapters and their checkpoints (`orchestrator finetune`); "
+        "with PostgreSQL, shared storage mounted at the same path on every training and judgment worker",
+        shown="`CVGL_HOME/adapters`")  # fmt: skip
     # Delivery and recovery
     visibility_timeout: float = _setting(
         "CVGL_VISIBILITY_TIMEOUT", 7200.0, "seconds before Redis redelivers an unacknowledged task; "

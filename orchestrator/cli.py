@@ -1,5 +1,5 @@
-"""The ``orchestrator`` command: migrate, synth, ingest, import-candidates, retrieve, submit, status,
-watch, cancel, resume, report, figures, calibrate, worker, coordinator, demo.
+"""The ``orchestrator`` command: migrate, synth, ingest, import-candidates, retrieve, submit, finetune,
+status, watch, cancel, resume, report, figures, calibrate, worker, coordinator, demo.
 
 Each command parses its options, calls one function and prints; domain errors become one-line ``click.ClickException``s (exit 1).
 ``CVGL_DATABASE_URL`` / ``CVGL_BROKER_URL`` (or ``--database-url`` / ``--broker-url``) select
@@ -24,6 +24,7 @@ from db.engine import database_url, hide_password, is_sqlite, session_factory
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.settings import SettingsError, override
 from orchestrator import drive, launch, vigor
+from orchestrator import finetune as fine
 from orchestrator import retrieve as stage1
 from orchestrator.calibrate import check_method
 from orchestrator.candidates import CandidateFileError, import_candidates
@@ -49,6 +50,7 @@ _USER_ERRORS = (
     vigor.VigorFormatError,
     CandidateFileError,
     SubmitError,
+    fine.FinetuneError,
     UnknownStrategy,
     UnknownJudge,
     UnknownRun,
@@ -423,6 +425,18 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Copy verdicts earlier runs stored for the same judge, model, revision, prompt and options.",
         ),
+        click.option(
+            "--adapter",
+            default=None,
+            metavar="NAME",
+            help="Rerank with this fine-tuned adapter of the judge (orchestrator finetune); --model defaults "
+            "to its base.",
+        ),
+        click.option(
+            "--allow-overlap",
+            is_flag=True,
+            help="With --adapter: allow queries the adapter was trained or validated on (the report marks them).",
+        ),
         click.option("--candidates", default=None, help="Candidate set name (default: the only one)."),
         click.option(
             "--queries",
@@ -536,39 +550,135 @@ def calibrate(run_id: int, method: str, dev_share: float, seed: int) -> None:
     _calibrate(run_id, method, dev_share, seed)
 
 
-@cli.command(short_help="Progress of one run, or of every run.")
-@click.argument("run_id", type=int, required=False)
+@cli.command(short_help="Progress of a run or an adapter, or of every run.")
+@click.argument("target", metavar="[RUN_ID|ADAPTER]", required=False)
 @user_errors
-def status(run_id: int | None) -> None:
-    """Progress of one run, or of every run (no RUN_ID), in a table 120 columns wide.
+def status(target: str | None) -> None:
+    """Progress of one run, of one fine-tuned adapter (by name: its steps, loss, learning rate and
+    validation accuracy), or of every run and adapter (no argument), 120 columns wide.
 
     Example: orchestrator status 3
     """
     with sessions()() as s:
-        lines = run_status_lines(s, run_id)
+        if target is not None and not target.isdigit():
+            lines = fine.status_lines(s, target)
+        else:
+            lines = run_status_lines(s, int(target) if target else None)
+            if target is None:
+                lines += fine.adapters_lines(s)
     click.echo("\n".join(lines) if lines else "no runs yet")
 
 
-@cli.command(short_help="Re-send a run's stale judgments; continue it.")
-@click.argument("run_id", type=int)
-@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done.")
+@cli.command(short_help="Re-send a run's (or an adapter's) stale work; continue it.")
+@click.argument("target", metavar="RUN_ID|ADAPTER")
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until it is done.")
 @user_errors
 @follows_run
-def resume(run_id: int, wait: bool) -> None:
-    """Continue a run from the database: re-send its stale judgments, replay its open queries.
+def resume(target: str, wait: bool) -> None:
+    """Continue a run, or a fine-tune, from the database.
 
-    Stale: pending, not being judged (no live lease) and not queued (the message it was last sent
-    in is neither waiting in the broker nor held unacknowledged by a worker), so a judgment still
-    queued gets no second message. Without CVGL_BROKER_URL this process serves the run until it is
-    done. A cancelled run is not resumed (submit it again).
+    A run: re-send its stale judgments, replay its open queries. Stale: pending, not being judged
+    (no live lease) and not queued (the message it was last sent in is neither waiting in the
+    broker nor held unacknowledged by a worker), so a judgment still queued gets no second
+    message. A cancelled run is not resumed (submit it again). An adapter (by name): its job is
+    sent again when stale; the trainer continues from its newest checkpoint. Without
+    CVGL_BROKER_URL this process does the work until it is done.
 
     Example: orchestrator resume 3 --wait
     """
+    if not target.isdigit():
+        try:
+            sent, p = fine.resume_finetune(sessions(), target, wait)
+        except KeyboardInterrupt:
+            _interrupted_training(target)
+        click.echo(f"adapter {target}: " + ("sent again" if sent else "still queued or training: nothing re-sent"))
+        if p is not None:
+            click.echo(fine.summary(p))
+        return
+    run_id = int(target)
     r = drive.resume_run(sessions(), run_id, wait)
     click.echo(
         f"run {run_id}: re-sent {r.requeued} stale judgments, {r.new_judgments} new, "
         f"{r.finished_queries} queries finished{' (run done)' if r.run_done else ''}"
     )
+
+
+def _interrupted_training(name: str) -> None:
+    hint = (
+        f"stopped following adapter {name}; "
+        + ("its in-process trainer stopped with this process (its checkpoints stay).\n"
+           f"  continue it:  orchestrator resume {name}" if is_embedded()
+           else f"it goes on on the training worker.\n  follow it:  orchestrator status {name}")
+    )  # fmt: skip
+    click.echo(f"\n{hint}", err=True)
+    raise SystemExit(130)
+
+
+@cli.command(short_help="Fine-tune a pairwise judge (LoRA) as a queued job.")
+@click.option("--judge", type=click.Choice(["llava", "qwen2.5-vl"]), default="llava", show_default=True)
+@click.option("--model", default=None, help="Base checkpoint: hub id or folder (default: the judge's).")
+@click.option("--revision", default=None, help="Base model revision (commit, tag or branch).")
+@click.option(
+    "--candidates",
+    default=None,
+    help="Candidate set whose queries, labels and stage-1 candidates make the examples (default: the only one).",
+)
+@click.option("--name", required=True, help="The adapter's name (status NAME, submit --adapter NAME).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: one epoch].")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Passes over the examples.")
+@click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA scale numerator [default: 2 x rank].")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warm-up [default: 3% of the steps].")
+@click.option("--both-orders", is_flag=True, help="Show every pair in both orders [default: one seeded order each].")
+@click.option(
+    "--negatives",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Hard negatives per query: its best-ranked candidates that are neither positive nor semi-positive.",
+)
+@click.option(
+    "--val-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Share of the queries held out for validation accuracy.",
+)
+@click.option("--train-projector", is_flag=True, help="Also train the vision-to-language projector (whole).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps between validations.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA weights, data order and split.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Trainer deaths before the job fails.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Adapter and checkpoint folder [default: CVGL_ADAPTERS_DIR/NAME].")  # fmt: skip
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the job ends.")
+@user_errors
+def finetune(wait: bool, **options: Any) -> None:
+    """Fine-tune the pairwise judge with LoRA on a candidate set's labelled queries.
+
+    Each example is a query's positive against one of its stage-1 hard negatives (never a
+    semi-positive), the answer "1" or "2" after the forced {"preference": " prefix; the base
+    weights stay frozen. The job goes to the train.<model> queue, served by `orchestrator worker
+    --train --model MODEL`; without CVGL_BROKER_URL this process trains. Checkpoints are written
+    every --checkpoint-every steps: a killed trainer resumes from the newest. Rerank with the
+    result: `submit --judge llava --adapter NAME` (queries the adapter saw are refused).
+
+    Example: orchestrator finetune --judge llava --model ./tiny-llava --candidates train --name city-lora --steps 300
+    """
+    spec = fine.FinetuneSpec(**options)
+    try:
+        p = fine.start_finetune(sessions(), spec, wait)
+    except KeyboardInterrupt:
+        _interrupted_training(spec.name)
+    if p is None:
+        click.echo(f"adapter {spec.name} queued; follow it: orchestrator status {spec.name}")
+        return
+    click.echo(fine.summary(p))
+    if p.status == "failed":
+        raise SystemExit(1)
 
 
 @cli.command(short_help="Follow a run until it is done; sends nothing.")
@@ -735,7 +845,7 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
         click.echo(line)
 
 
-@cli.command(short_help="Start a judgment worker for one model.")
+@cli.command(short_help="Start a judgment (or training) worker for one model.")
 @click.option(
     "--model", default="simulated", show_default=True, help="Hub id or folder; the queue is vlm.<model>."
 )
@@ -762,6 +872,9 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
 @click.option(
     "--loglevel", default="INFO", show_default=True, help='Celery\'s log level (INFO prints "ready").'
 )
+@click.option(
+    "--train", is_flag=True, help="Serve fine-tunes of the model (train.<model>, one job at a time) instead of judgments."
+)
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors
 def worker(
@@ -771,16 +884,21 @@ def worker(
     queue: str | None,
     shard: int | None,
     loglevel: str,
+    train: bool,
     dry_run: bool,
 ) -> None:
-    """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host.
+    """Start a judgment worker for one model (one per GPU), named vlm-<model>-gpu<N>@host; with
+    --train, a training worker for its fine-tunes (orchestrator finetune), train-<model>-gpu<N>@host.
 
     Runs `celery -A workers.app worker` with this command's settings; --dry-run prints that
     command line instead.
 
     Example: orchestrator worker --model llava-hf/llava-1.5-7b-hf --gpu 0
     """
-    job = launch.judgment_worker(model, gpu, concurrency, queue, shard, loglevel)
+    if train:
+        job = launch.training_worker(model, gpu, queue, loglevel)
+    else:
+        job = launch.judgment_worker(model, gpu, concurrency, queue, shard, loglevel)
     if dry_run:
         click.echo(job.shell())
         return

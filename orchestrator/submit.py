@@ -5,13 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.models import CandidateSet, Run
+from db.adapters import adapter_named, adapters, overlapping_queries
+from db.models import DONE, FAILED, Adapter, CandidateSet, Run
 from db.queries import add_run_queries, candidate_set_named, candidate_sets, query_names
 from orchestrator.strategies.registry import get_strategy
+from workers.judges.adapters import ADAPTER_DIR
+from workers.judges.checkpoint import folder_revision
 from workers.judges.registry import (
     check_judge_name,
     check_model_folder,
@@ -60,6 +64,8 @@ class RunSpec:
     reuse: bool = True  # copy judgments earlier runs stored for the same judge, model, prompt
     max_open_queries: int | None = None  # None: the default for the judge; 0: every query at once
     shards: int | None = None  # per-GPU queues per model; None: CVGL_VLM_SHARDS
+    adapter: str | None = None  # a fine-tuned adapter of the judge (orchestrator finetune)
+    allow_overlap: bool = False  # let the run's queries include the adapter's training queries
 
 
 JUDGE_OPTIONS = ("accuracy", "position_bias", "noise", "latency_ms")  # the simulated judge's
@@ -83,7 +89,9 @@ def spec_from_options(
             raise SubmitError("--poison kills the process that asks the judgment: use separate workers")
         judge_options["poison"] = list(poison)
     if judge_options and options.get("judge", "simulated") != "simulated":
-        raise SubmitError("--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only")
+        raise SubmitError(
+            "--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only"
+        )
     strategy_options: dict[str, Any] = {
         name: v for name in STRATEGY_OPTIONS if (v := options.pop(name, None)) is not None
     }
@@ -112,6 +120,44 @@ def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
     return sets[0]
 
 
+def check_adapter(
+    s: Session, adapter: Adapter, spec: RunSpec, model: str, query_ids: Sequence[int]
+) -> dict[str, Any]:
+    """Refuse an adapter that cannot serve this run; what the run stores of it (name, hash, how
+    many of its queries the adapter saw in training: 0 unless ``--allow-overlap``)."""
+    name = adapter.name
+    if adapter.status != DONE:
+        state = "failed" if adapter.status == FAILED else "not trained yet"
+        raise SubmitError(f"adapter {name!r} is {state}: see `orchestrator status {name}`")
+    if spec.judge != adapter.judge:
+        raise SubmitError(
+            f"adapter {name!r} is a {adapter.judge} adapter: submit with --judge {adapter.judge}"
+        )
+    if not _same_base(model, adapter.base_model, adapter.base_revision):
+        raise SubmitError(
+            f"adapter {name!r} was trained on {adapter.base_model} (revision {adapter.base_revision}), not {model}"
+        )
+    seen = overlapping_queries(s, adapter.id, query_ids)
+    if seen and not spec.allow_overlap:
+        raise SubmitError(
+            f"{len(seen)} of the run's {len(query_ids)} queries were in adapter {name!r}'s training or "
+            f"validation queries (e.g. {seen[0]}): rerank held-out queries (another candidate set, the test "
+            "cities) or pass --allow-overlap"
+        )
+    return {"name": name, "sha256": adapter.adapter_sha256, "overlap": len(seen)}
+
+
+def _same_base(model: str, base: str, base_revision: str | None) -> bool:
+    """``model`` is the checkpoint the adapter was trained on: the same hub id, or a folder with the
+    same content (a copy elsewhere is the same base)."""
+    if model == base:
+        return True
+    folder = Path(model).expanduser()
+    if folder.is_dir() and base_revision:
+        return folder_revision(folder) == base_revision
+    return False
+
+
 def sample_queries(names_to_ids: dict[str, int], n: int | None, seed: int) -> list[int]:
     """A reproducible sample, by query name (so the same data gives the same sample in any database)."""
     names = sorted(names_to_ids)
@@ -132,12 +178,18 @@ def create_run(s: Session, spec: RunSpec) -> int:
             f"prompt {prompt_name!r} is {SPECS[prompt_name].kind}; strategy {spec.strategy!r} needs a {strategy.kind} prompt"
         )
     check_judge_name(spec.judge)
-    model = spec.model or default_model(spec.judge)
+    adapter = adapter_named(s, spec.adapter) if spec.adapter else None
+    if spec.adapter and adapter is None:
+        known = ", ".join(a.name for a in adapters(s)) or "none"
+        raise SubmitError(f"no adapter named {spec.adapter!r} (known: {known})")
+    model = spec.model or (adapter.base_model if adapter else None) or default_model(spec.judge)
     check_model_folder(spec.judge, model)  # a local folder must be a checkpoint of the judge's family
     if spec.decode not in DECODE_MODES:
         raise SubmitError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {spec.decode!r}")
     if spec.decode == "generate" and strategy.kind != "pairwise":
-        raise SubmitError("--decode generate answers pairwise prompts; pointwise prompts follow their own mode")
+        raise SubmitError(
+            "--decode generate answers pairwise prompts; pointwise prompts follow their own mode"
+        )
     if spec.k < 2:
         raise SubmitError("--k must be at least 2")
     if spec.n_queries is not None and spec.n_queries < 1:
@@ -159,6 +211,14 @@ def create_run(s: Session, spec: RunSpec) -> int:
     query_ids = sample_queries(query_names(s, cs.id), spec.n_queries, spec.seed)
     # Stored complete, defaults filled in, so a report can say what the judge ran with.
     judge_options = {**judge_option_defaults(spec.judge), **spec.judge_options}
+    adapter_params = None
+    if adapter is not None:
+        adapter_params = check_adapter(s, adapter, spec, model, query_ids)
+        # The worker merges it on load and checks its files against the hash; the hash in the
+        # options also keeps judgment reuse from mixing adapters (db/reuse.py).
+        judge_options.update(
+            adapter=f"{adapter.output_dir}/{ADAPTER_DIR}", adapter_sha256=adapter.adapter_sha256
+        )
     if spec.judge == "simulated":
         judge_options["seed"] = spec.judge_options.get("seed", spec.seed)
         load_judge(spec.judge, model, spec.revision, **judge_options)  # cheap: validates the options now
@@ -183,6 +243,7 @@ def create_run(s: Session, spec: RunSpec) -> int:
             "reuse": spec.reuse,
             "shards": shards,
             "max_open_queries": max_open or None,
+            **({"adapter": adapter_params} if adapter_params else {}),
         },
     )
     s.add(run)

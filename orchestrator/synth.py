@@ -67,10 +67,12 @@ def _panoid(rng: random.Random) -> str:
     return "".join(rng.choice(PANOID_ALPHABET) for _ in range(22))
 
 
-def _tile_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A plausible-looking aerial tile: ground colour, a road cross and a few roofs."""
+def _tile_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A plausible-looking aerial tile (ground colour, a road cross and a few roofs) and its ground
+    colour, the palette its panoramas share."""
     img = np.empty((size, size, 3), dtype=np.uint8)
-    img[:] = rng.integers(60, 140, size=3)
+    ground = rng.integers(60, 140, size=3)
+    img[:] = ground
     road = max(2, size // 12)
     r0, c0 = rng.integers(size // 4, 3 * size // 4, size=2)
     img[r0 : r0 + road, :] = (90, 90, 95)
@@ -79,11 +81,14 @@ def _tile_image(rng: np.random.Generator, size: int) -> np.ndarray:
         h, w = rng.integers(size // 10, size // 4, size=2)
         y, x = rng.integers(0, size - h), rng.integers(0, size - w)
         img[y : y + h, x : x + w] = rng.integers(120, 240, size=3)
-    return img
+    return img, ground
 
 
 def _pano_image(rng: np.random.Generator, size: int, palette: np.ndarray) -> np.ndarray:
-    """A 2:1 panorama: sky, facades tinted by the positive tile's colours, road."""
+    """A 2:1 panorama: sky, facades in the positive tile's ground colour (shades of it), road.
+
+    The shared palette is the signal a judge can learn from (``orchestrator finetune``'s tests);
+    hard negatives have other ground colours."""
     h, w = size, 2 * size
     img = np.empty((h, w, 3), dtype=np.uint8)
     img[: h // 3] = (150, 185, 225)
@@ -92,7 +97,8 @@ def _pano_image(rng: np.random.Generator, size: int, palette: np.ndarray) -> np.
     for _ in range(8):
         x = int(rng.integers(0, w - w // 10))
         top = int(rng.integers(h // 8, h // 2))
-        img[top : 3 * h // 4, x : x + w // 12] = rng.integers(100, 230, size=3)
+        shade = np.clip(palette.astype(int) + rng.integers(-25, 26, size=3), 0, 255)
+        img[top : 3 * h // 4, x : x + w // 12] = shade
     return img
 
 
@@ -153,8 +159,7 @@ def write_synthetic_vigor(
                 lat, lon = centre(i, j)
                 name = f"satellite_{lat!r}_{lon!r}.png"
                 grid[(i, j)] = name
-                img = _tile_image(nrng, image_size)
-                palettes[name] = img[image_size // 2, image_size // 2]
+                img, palettes[name] = _tile_image(nrng, image_size)
                 Image.fromarray(img).save(root / city / "satellite" / name)
         n_tiles += len(grid)
         (split_dir / "satellite_list.txt").write_text(

@@ -65,7 +65,7 @@ def _from_settings(s: Settings) -> dict:
 
 # The tasks every worker of this app serves, imported when a worker starts (workers/queues.py names
 # them). The coordinator's task is defined in orchestrator/tasks.py, the app its workers run.
-app = Celery("cvgl", include=["workers.tasks", "workers.retrieval.tasks"])
+app = Celery("cvgl", include=["workers.tasks", "workers.retrieval.tasks", "workers.training.tasks"])
 app.conf.update(
     # JSON only: pickle would let anyone who can write to Redis run code in the workers.
     task_serializer="json",

@@ -20,6 +20,7 @@ from db.settings import settings
 COORDINATION_QUEUE = "coordination"
 RETRIEVAL_QUEUE = "retrieval"
 VLM_PREFIX = "vlm."
+TRAIN_PREFIX = "train."  # fine-tuning jobs of a base model: train.<model>
 
 # The coordinator's task (defined in orchestrator/tasks.py: workers send it by name, never import it).
 ADVANCE_TASK = "cvgl.advance"
@@ -29,13 +30,15 @@ RANK_CANDIDATES_TASK = "cvgl.rank_candidates"
 JUDGE_PAIRWISE_TASK = "cvgl.judge_pairwise"
 JUDGE_POINTWISE_TASK = "cvgl.judge_pointwise"
 JUDGE_TASKS = {"pairwise": JUDGE_PAIRWISE_TASK, "pointwise": JUDGE_POINTWISE_TASK}
+# A fine-tune goes to its base model's training queue (``train_queue_for``), named at each send.
+TRAIN_TASK = "cvgl.train"
 # The tasks with a fixed queue: the app's ``task_routes``, so a send that names no queue lands right.
 TASK_ROUTES = {
     ADVANCE_TASK: COORDINATION_QUEUE,
     EMBED_SHARD_TASK: RETRIEVAL_QUEUE,
     RANK_CANDIDATES_TASK: RETRIEVAL_QUEUE,
 }
-TASK_NAMES = (*TASK_ROUTES, *JUDGE_TASKS.values())
+TASK_NAMES = (*TASK_ROUTES, *JUDGE_TASKS.values(), TRAIN_TASK)
 
 
 def model_slug(model: str) -> str:
@@ -53,6 +56,11 @@ def model_slug(model: str) -> str:
 def queue_for(model: str) -> str:
     """The Celery queue that workers holding ``model`` consume: ``vlm.<slug>``."""
     return VLM_PREFIX + model_slug(model)
+
+
+def train_queue_for(model: str) -> str:
+    """The Celery queue of fine-tuning jobs on ``model``: ``train.<slug>`` (``worker --train``)."""
+    return TRAIN_PREFIX + model_slug(model)
 
 
 def vlm_shards() -> int:

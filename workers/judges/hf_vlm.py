@@ -38,6 +38,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from PIL import Image
 
+from workers.judges.adapters import adapted_revision, merge_adapter
+from workers.judges.adapters import adapter_sha256 as adapter_sha256_of
 from workers.judges.answer_tokens import answer_token_ids, join_answer_prefix
 from workers.judges.base import JudgeRequest
 from workers.judges.checkpoint import check_family, resolve_checkpoint
@@ -109,6 +111,8 @@ class HFVisionJudge:
         feature_cache_mb: float | None = None,
         prefix_cache_mb: float | None = None,
         loader_threads: int | None = None,
+        adapter: str | None = None,
+        adapter_sha256: str | None = None,
     ) -> None:
         settings = VLMSettings.resolve(
             device, dtype, batch_size, reuse, feature_cache_mb, prefix_cache_mb, loader_threads
@@ -121,6 +125,9 @@ class HFVisionJudge:
         model_cls = getattr(transformers, self.model_class)
         processor = AutoProcessor.from_pretrained(model, revision=load_revision)
         hf_model = model_cls.from_pretrained(model, revision=load_revision, dtype=DTYPES[settings.dtype])
+        if adapter:  # a fine-tuned judge (orchestrator finetune): merged, so every path runs unchanged
+            hf_model = merge_adapter(hf_model, adapter, adapter_sha256)
+            stored_revision = adapted_revision(stored_revision, adapter_sha256 or adapter_sha256_of(adapter))
         self._setup(hf_model, processor, model, stored_revision, settings)
 
     @classmethod
@@ -249,6 +256,17 @@ class HFVisionJudge:
             else:
                 texts = self._in_batches(rows, lambda part: self._generate_plain(part, config))
             return [t.strip() for t in texts]
+
+    def answer_logprobs(self, requests: Sequence[JudgeRequest], choices: Sequence[str]) -> torch.Tensor:
+        """[requests, choices] log-probabilities of each choice's token after each request's prompt
+        and answer prefix, over the whole vocabulary: the plain path, differentiable. The
+        fine-tune's loss and validation accuracy read it (``workers/training``), so a model is
+        trained on exactly the tokens it is later asked with."""
+        rows = [self._row(r, tuple(choices)) for r in requests]
+        inputs = self._processor_inputs(rows)
+        logits = self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+        logprobs = logits.float().log_softmax(-1)
+        return logprobs.gather(1, torch.tensor([r.answer_ids for r in rows], device=logprobs.device))
 
     def stats(self) -> dict[str, Any]:
         """Cache, batch and work figures for benchmarks and ``inspect gpu``."""
