@@ -108,7 +108,9 @@ def training_inputs(s: Session, adapter: Adapter, labels: Sequence[Labeled]) -> 
     queries: dict[int, str] = {}
     tiles: dict[int, str] = {}
     for part in chunked(qids):
-        queries.update({q: p for q, p in s.execute(select(Query.id, Query.path).where(Query.id.in_(list(part))))})
+        queries.update(
+            {q: p for q, p in s.execute(select(Query.id, Query.path).where(Query.id.in_(list(part))))}
+        )
     for part in chunked(tids):
         tiles.update({t: p for t, p in s.execute(select(Tile.id, Tile.path).where(Tile.id.in_(list(part))))})
     return TrainingInputs(root, queries, tiles)
@@ -124,16 +126,17 @@ def adapter_query_ids(s: Session, adapter_id: int, role: str | None = None) -> l
 def overlapping_queries(s: Session, adapter_id: int, query_ids: Sequence[int]) -> list[str]:
     """Names of ``query_ids`` the adapter saw in training or validation: the same panorama (city
     and file name), in whichever dataset it was ingested."""
-    seen = set(
-        s.execute(
+    seen = {
+        (city, name)
+        for city, name in s.execute(
             select(Query.city, Query.name)
             .join(AdapterQuery, AdapterQuery.query_id == Query.id)
             .where(AdapterQuery.adapter_id == adapter_id)
-        ).tuples()
-    )
+        )
+    }
     out = []
     for part in chunked(list(query_ids)):
-        for city, name in s.execute(select(Query.city, Query.name).where(Query.id.in_(list(part)))).tuples():
+        for city, name in s.execute(select(Query.city, Query.name).where(Query.id.in_(list(part)))):
             if (city, name) in seen:
                 out.append(name)
     return sorted(out)

@@ -308,7 +308,11 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
     help="timm model name (num_classes=0; one encoder for both views).",
 )
 @click.option(
-    "--k", type=click.IntRange(min=1), default=stage1.DEFAULT_K, show_default=True, help="Candidates per query."
+    "--k",
+    type=click.IntRange(min=1),
+    default=stage1.DEFAULT_K,
+    show_default=True,
+    help="Candidates per query.",
 )
 @click.option("--name", required=True, help="Name of the retrieval run and of the candidate set it writes.")
 @click.option(
@@ -372,7 +376,9 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help=f"One of: {', '.join(PROMPT_NAMES)} (default: pairwise, or yesno for pointwise).",
         ),
         click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}."),
-        click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's)."),
+        click.option(
+            "--model", default=None, help="Hub id or local checkpoint folder (default: the judge's)."
+        ),
         click.option("--revision", default=None, help="Model revision (commit, tag or branch)."),
         click.option(
             "--decode",
@@ -400,7 +406,10 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Simulated judge: share of answers drawn at random per order shown (non-transitive).",
         ),
         click.option(
-            "--latency-ms", type=click.FloatRange(min=0), default=None, help="Simulated judge: time per judgment."
+            "--latency-ms",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Simulated judge: time per judgment.",
         ),
         click.option(
             "--top",
@@ -447,10 +456,18 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Queries sampled.",
         ),
         click.option(
-            "--seed", type=int, default=0, show_default=True, help="Seeds the query sample (and the simulated judge)."
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seeds the query sample (and the simulated judge).",
         ),
         click.option(
-            "--k", type=click.IntRange(min=2), default=20, show_default=True, help="Candidates reranked per query."
+            "--k",
+            type=click.IntRange(min=2),
+            default=20,
+            show_default=True,
+            help="Candidates reranked per query.",
         ),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judgments per task."),
         click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True),
@@ -478,7 +495,9 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Simulated judge, fault injection: a judgment ('QUERY|TILE' or 'QUERY|FIRST|SECOND', file names) "
     "that kills the worker process asking it. Repeatable. Only with separate worker processes.",
 )
-@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done.")
+@click.option(
+    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
+)
 @click.option(
     "--then-calibrate",
     "then_calibrate",
@@ -591,7 +610,9 @@ def resume(target: str, wait: bool) -> None:
             sent, p = fine.resume_finetune(sessions(), target, wait)
         except KeyboardInterrupt:
             _interrupted_training(target)
-        click.echo(f"adapter {target}: " + ("sent again" if sent else "still queued or training: nothing re-sent"))
+        click.echo(
+            f"adapter {target}: " + ("sent again" if sent else "still queued or training: nothing re-sent")
+        )
         if p is not None:
             click.echo(fine.summary(p))
         return
@@ -624,15 +645,34 @@ def _interrupted_training(name: str) -> None:
     help="Candidate set whose queries, labels and stage-1 candidates make the examples (default: the only one).",
 )
 @click.option("--name", required=True, help="The adapter's name (status NAME, submit --adapter NAME).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: one epoch].")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Passes over the examples.")
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: one epoch]."
+)
+@click.option(
+    "--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Passes over the examples."
+)
 @click.option("--lora-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank.")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA scale numerator [default: 2 x rank].")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="Peak learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Linear warm-up [default: 3% of the steps].")
-@click.option("--both-orders", is_flag=True, help="Show every pair in both orders [default: one seeded order each].")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Peak learning rate.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step."
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Linear warm-up [default: 3% of the steps].",
+)
+@click.option(
+    "--both-orders", is_flag=True, help="Show every pair in both orders [default: one seeded order each]."
+)
 @click.option(
     "--negatives",
     type=click.IntRange(min=1),
@@ -648,10 +688,30 @@ def _interrupted_training(name: str) -> None:
     help="Share of the queries held out for validation accuracy.",
 )
 @click.option("--train-projector", is_flag=True, help="Also train the vision-to-language projector (whole).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps between checkpoints.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps between validations.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the LoRA weights, data order and split.")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Trainer deaths before the job fails.")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Steps between checkpoints.",
+)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Steps between validations.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the LoRA weights, data order and split."
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Trainer deaths before the job fails.",
+)
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Adapter and checkpoint folder [default: CVGL_ADAPTERS_DIR/NAME].")  # fmt: skip
 @click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the job ends.")
@@ -666,7 +726,7 @@ def finetune(wait: bool, **options: Any) -> None:
     every --checkpoint-every steps: a killed trainer resumes from the newest. Rerank with the
     result: `submit --judge llava --adapter NAME` (queries the adapter saw are refused).
 
-    Example: orchestrator finetune --judge llava --model ./tiny-llava --candidates train --name city-lora --steps 300
+    Example: orchestrator finetune --model ./llava --candidates train --name lora1 --steps 300
     """
     spec = fine.FinetuneSpec(**options)
     try:
@@ -788,6 +848,13 @@ def report(
     help="Figure 5: show this query (file name; repeatable) instead of chosen examples.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds Figure 5's choice of examples.")
+@click.option(
+    "--adapter",
+    "adapter_names",
+    multiple=True,
+    help="Draw this fine-tuned adapter's training curve (name; repeatable) [default: every adapter with "
+    "stored steps].",
+)
 @_report_options
 @user_errors
 def figures(
@@ -796,20 +863,33 @@ def figures(
     examples: int,
     query_names: tuple[str, ...],
     seed: int,
+    adapter_names: tuple[str, ...],
     common: bool,
     confidence: float,
 ) -> None:
     """Figures 3-5, calibration and position bias as PNG files, with index.html holding them and the report.
 
+    Each fine-tuned adapter's training (orchestrator finetune) is drawn too, as
+    training-<adapter>.png: loss per step and validation accuracy.
+
     Example: orchestrator figures 1 2 --out results/
     """
-    from orchestrator.reporting.figures import write_figures
+    from orchestrator.reporting.figures import training_curves, write_figures
 
     with sessions()() as s:
-        # Validate the runs before creating anything on disk.
+        # Validate the runs and adapters before creating anything on disk.
         result = build_report(s, list(run_ids) or None, common=common, confidence=confidence)
+        training_curves(s, adapter_names)
         prepare_out_dir(out)
-        written = write_figures(s, result, out, examples=examples, query_names=list(query_names), seed=seed)
+        written = write_figures(
+            s,
+            result,
+            out,
+            examples=examples,
+            query_names=list(query_names),
+            seed=seed,
+            adapter_names=list(adapter_names),
+        )
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -873,7 +953,9 @@ def demo(directory: Path, n_queries: int, accuracy: float, seed: int) -> None:
     "--loglevel", default="INFO", show_default=True, help='Celery\'s log level (INFO prints "ready").'
 )
 @click.option(
-    "--train", is_flag=True, help="Serve fine-tunes of the model (train.<model>, one job at a time) instead of judgments."
+    "--train",
+    is_flag=True,
+    help="Serve fine-tunes of the model (train.<model>, one job at a time) instead of judgments.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the celery command instead of running it.")
 @user_errors

@@ -321,7 +321,9 @@ def resume_finetune(sf: sessionmaker[Session], name: str, wait: bool) -> tuple[b
     return resend, _drive(sf, name, adapter_id, queue, wait, resend=resend)
 
 
-def _drive(sf: sessionmaker[Session], name: str, adapter_id: int, queue: str, wait: bool, resend: bool) -> TrainingProgress | None:
+def _drive(
+    sf: sessionmaker[Session], name: str, adapter_id: int, queue: str, wait: bool, resend: bool
+) -> TrainingProgress | None:
     from orchestrator.drive import stall_seconds
     from workers.app import is_embedded
     from workers.training.tasks import send_training
@@ -346,5 +348,7 @@ def adapters_lines(s: Session) -> list[str]:
     lines = ["", f"{'adapter':24}  {'status':9}  {'steps':>11}  {'val acc':>7}  base model"]
     for a in rows:
         p = training_progress(s, a)
-        lines.append(f"{a.name[:24]:24}  {p.status:9}  {f'{p.step}/{p.total}':>11}  {_num(p.val_accuracy):>7}  {a.base_model}")
+        lines.append(
+            f"{a.name[:24]:24}  {p.status:9}  {f'{p.step}/{p.total}':>11}  {_num(p.val_accuracy):>7}  {a.base_model}"
+        )
     return lines

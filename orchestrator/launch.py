@@ -16,7 +16,14 @@ from typing import NoReturn
 
 from db.settings import settings
 from workers.app import is_embedded
-from workers.queues import COORDINATION_QUEUE, model_slug, queue_for, train_queue_for, vlm_shards, worker_queues
+from workers.queues import (
+    COORDINATION_QUEUE,
+    model_slug,
+    queue_for,
+    train_queue_for,
+    vlm_shards,
+    worker_queues,
+)
 
 
 class NeedsBroker(ValueError):
@@ -78,7 +85,9 @@ def judgment_worker(
     return Launch(argv, {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
 
 
-def training_worker(model: str, gpu: int | None = None, queue: str | None = None, loglevel: str = "INFO") -> Launch:
+def training_worker(
+    model: str, gpu: int | None = None, queue: str | None = None, loglevel: str = "INFO"
+) -> Launch:
     """A training worker for fine-tunes of ``model`` (``train.<model>``), one job at a time, on GPU
     ``gpu`` when given. ``--max-tasks-per-child 1``: each job gets a fresh process, so nothing of
     one job's model stays in memory for the next."""

@@ -182,6 +182,10 @@ def create_run(s: Session, spec: RunSpec) -> int:
     if spec.adapter and adapter is None:
         known = ", ".join(a.name for a in adapters(s)) or "none"
         raise SubmitError(f"no adapter named {spec.adapter!r} (known: {known})")
+    if adapter is not None and spec.judge != adapter.judge:
+        raise SubmitError(
+            f"adapter {adapter.name!r} is a {adapter.judge} adapter: submit with --judge {adapter.judge}"
+        )
     model = spec.model or (adapter.base_model if adapter else None) or default_model(spec.judge)
     check_model_folder(spec.judge, model)  # a local folder must be a checkpoint of the judge's family
     if spec.decode not in DECODE_MODES:

@@ -9,6 +9,8 @@
    with every reuse on (``micro.py``); Qwen's vision tower with and without batched windows.
 3. Table 1 end to end on the embedded default with a LLaVA checkpoint loaded by hub id from a local
    cache (``table1.py``), sized to the time left (``--budget``) and extrapolated to 500 queries.
+4. The LoRA training step of the LLaVA-1.5-7b-shaped judge (r=16, bf16) on the same images:
+   pairwise examples per second and peak memory per batch size (``train_step.py``).
 
 Prints as it goes (run it unbuffered) and rewrites ``--out`` (JSON) after every section, so a run
 stopped at a time limit still leaves what it measured. A section that fails is recorded with its
@@ -37,10 +39,14 @@ if str(REPO) not in sys.path:
 import micro  # noqa: E402
 import table1  # noqa: E402
 import torch  # noqa: E402
+import train_step  # noqa: E402
 import transformers  # noqa: E402
 
 T0 = time.perf_counter()
 QWEN_RESERVE_S = 130.0  # what Qwen2.5-VL-7B's micro-benchmark takes on one H200, with a margin
+# The training step at batch sizes 1, 4 and 8 (2 warm-up and 5 timed steps each) and building its
+# model: an estimate for one H200 (not measured there yet), with a margin.
+TRAIN_RESERVE_S = 90.0
 
 
 def log(msg: str) -> None:
@@ -91,6 +97,16 @@ def main() -> int:
     parser.add_argument("--micro-queries", type=int, default=None, help="queries of the micro-benchmarks")
     parser.add_argument("--table1-queries", type=int, default=None, help="fix the end-to-end query count")
     parser.add_argument("--skip-table1", action="store_true")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the LoRA training step")
+    parser.add_argument(
+        "--train-batch-sizes",
+        type=train_step.parse_sizes,
+        default=list(train_step.BATCH_SIZES),
+        help="training step: comma-separated batch sizes (default 1,4,8)",
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="training step: timed steps per batch size (5; smoke 2)"
+    )
     parser.add_argument(
         "--max-open-queries",
         type=int,
@@ -198,6 +214,7 @@ def main() -> int:
         free()
     if repo_id is not None:
         reserve = QWEN_RESERVE_S if "qwen2.5-vl" in families and shapes == "7b" else 0.0
+        reserve += TRAIN_RESERVE_S if not args.skip_train and shapes == "7b" else 0.0
         left = deadline - time.perf_counter() - reserve
         ms = (results["micro"].get("llava") or {}).get("reuse_pairwise_ms", 30.0)
         n = args.table1_queries or (
@@ -216,6 +233,25 @@ def main() -> int:
                 log=log,
                 deadline=deadline,
                 max_open_queries=args.max_open_queries,
+            ),
+        )
+        free()
+    if not args.skip_train:
+        # After Table 1 (its own processes, the GPU free again): a fresh model, adapted in place.
+        results["train"] = {}
+        section(
+            "train",
+            lambda: train_step.bench_train(
+                shapes,
+                device,
+                images,
+                batch_sizes=args.train_batch_sizes,
+                warmup=1 if smoke else 2,
+                steps=args.train_steps or (2 if smoke else 5),
+                seed=args.seed,
+                log=log,
+                out=results["train"],
+                save=save,
             ),
         )
         free()
@@ -264,6 +300,8 @@ def summary(results: dict[str, Any]) -> None:
         if "pairwise_500_extrapolated_s" in t:
             line += f"; 500 queries extrapolated: {t['pairwise_500_extrapolated_s'] / 60:.1f} min"
         print(line, flush=True)
+    if results.get("train"):
+        print(train_step.summary_line(results["train"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from orchestrator.reporting.rows import (
     ADJUSTMENT_METHOD,
     DIFFERENCE_METHOD,
     INTERVAL_METHOD,
+    OVERLAP_MARK,
     RECALL_KS,
     TEST_METHOD,
     BaselineRow,
@@ -135,6 +136,7 @@ def judge_settings(m: dict[str, Any]) -> dict[str, Any]:
 
 def _run_row(m: dict[str, Any], q: Ranks, label: str, confidence: float) -> RunRow:
     params = m["params"]
+    adapter = params.get("adapter") or {}  # submit --adapter: {"name", "sha256", "overlap"}
     return RunRow(
         run_id=m["run_id"],
         candidate_set_id=m["candidate_set_id"],
@@ -152,6 +154,9 @@ def _run_row(m: dict[str, Any], q: Ranks, label: str, confidence: float) -> RunR
         strategy_options=dict(params.get("strategy_options", {})),
         judge_options=judge_settings(m),
         recall=_recalls([r[0] for r in q.values()], confidence),
+        adapter=adapter.get("name"),
+        adapter_sha256=adapter.get("sha256"),
+        adapter_overlap=int(adapter.get("overlap") or 0),
     )
 
 
@@ -364,6 +369,12 @@ def _with_notes(report: Report, idle: Sequence[int]) -> Report:
                     for qs in group
                 )
                 + "); compare rows only within a query set, or pass --common"
+            )
+    for r in report.runs:
+        if r.adapter_overlap > 0:
+            notes.append(
+                f"{OVERLAP_MARK} run {r.run_id}: {r.adapter_overlap} of its queries were in adapter {r.adapter}'s "
+                "training or validation queries (submitted with --allow-overlap)"
             )
     if idle:
         notes.append(f"left out (no finished query yet): run {', '.join(map(str, idle))}")

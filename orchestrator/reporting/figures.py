@@ -6,6 +6,8 @@
 - Calibration: a reliability diagram per run that stored probabilities.
 - Position bias (pairwise runs): how often the first-shown tile wins per rank gap, against the rate
   stage-1 ranks alone predict, and how often the positive wins when shown first versus second.
+- Training curves (``training-<adapter>.png``): per fine-tuned adapter, the training loss per step
+  with its running mean, and the validation pairwise accuracy against chance (0.5).
 - Figure 5: qualitative examples: the panorama, the top-5 tiles in stage-1 order, the true tile
   marked (green, dashed) and the reranker's top-1 outlined (blue, as in the paper); either one
   from beyond the top 5 is shown after them with its stage-1 rank.
@@ -37,6 +39,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from db import adapters as adapters_store
 from db import reports
 from orchestrator.reporting import stats
 from orchestrator.reporting.build import ReportError
@@ -476,6 +479,150 @@ def figure_position_bias(report: Report) -> Figure:
 
 
 # ----------------------------------------------------------------------------------------------
+# training curves of fine-tuned adapters
+
+LOSS_COLOUR = "#9aa5b8"  # every step's loss, thin
+SMOOTH_COLOUR = "#1f4fd1"  # its running mean
+ACCURACY_COLOUR = TRUE_COLOUR  # validation accuracy (right axis)
+CHANCE = 0.5  # a pairwise judge that guesses
+
+
+@dataclass(frozen=True)
+class TrainingCurve:
+    """What the training figure of one adapter draws: its job and its stored steps (step 0 is the
+    validation before any training; validation rows every ``--eval-every`` steps)."""
+
+    name: str
+    judge: str
+    base_model: str
+    status: str
+    total_steps: int
+    steps: Sequence[int]
+    loss: Sequence[float | None]  # None: a step with no training loss (step 0)
+    val_accuracy: Sequence[float | None]  # None: no validation at that step
+
+    @property
+    def last_step(self) -> int:
+        return max(self.steps, default=0)
+
+
+def training_curves(s: Session, names: Sequence[str] = ()) -> list[TrainingCurve]:
+    """The named adapters' curves (a ReportError for a name not stored, or with no step yet); no
+    names: every adapter with stored steps, in creation order."""
+    stored = adapters_store.adapters(s)
+    if names:
+        by_name = {a.name: a for a in stored}
+        unknown = [n for n in dict.fromkeys(names) if n not in by_name]
+        if unknown:
+            known = ", ".join(by_name) or "none"
+            raise ReportError(f"no adapter named {', '.join(map(repr, unknown))} (known: {known})")
+        chosen = [by_name[n] for n in dict.fromkeys(names)]
+    else:
+        chosen = stored
+    out = []
+    for a in chosen:
+        rows = adapters_store.training_steps(s, a.id)
+        if not rows:
+            if names:
+                raise ReportError(
+                    f"adapter {a.name!r} has no training step stored yet: see `orchestrator status {a.name}`"
+                )
+            continue
+        out.append(
+            TrainingCurve(
+                name=a.name,
+                judge=a.judge,
+                base_model=a.base_model,
+                status=a.status,
+                total_steps=a.total_steps,
+                steps=[r.step for r in rows],
+                loss=[r.loss for r in rows],
+                val_accuracy=[r.val_accuracy for r in rows],
+            )
+        )
+    return out
+
+
+def smoothing_window(n: int) -> int:
+    """Steps in the running mean of ``n`` losses: about a twentieth of them, 1 to 100."""
+    return max(1, min(100, round(n / 20)))
+
+
+def running_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or v.size == 0:
+        return v
+    sums = np.cumsum(np.insert(v, 0, 0.0))
+    ends = np.arange(1, v.size + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def training_title(curve: TrainingCurve) -> str:
+    accuracy = [a for a in curve.val_accuracy if a is not None]
+    last = f"; last validation accuracy {accuracy[-1]:.3f}" if accuracy else ""
+    return (
+        f"Fine-tune {curve.name}: {curve.judge} on {curve.base_model}\n"
+        f"step {curve.last_step:,} of {curve.total_steps:,} ({curve.status}){last}"
+    )
+
+
+def figure_training(curve: TrainingCurve) -> Figure:
+    """Training loss per step (thin) and its running mean on the left axis; validation pairwise
+    accuracy (markers) on the right axis, with the 0.5 a guessing judge gets."""
+    width = 7.2
+    title = fit_lines(training_title(curve), width - 0.4, SUPTITLE)
+    fig = new_figure(width, 3.4 + lines_height(title, SUPTITLE))
+    ax = fig.add_subplot()
+    right = ax.twinx()
+    trained = [(x, y) for x, y in zip(curve.steps, curve.loss, strict=True) if y is not None]
+    validated = [(x, a) for x, a in zip(curve.steps, curve.val_accuracy, strict=True) if a is not None]
+    window = smoothing_window(len(trained))
+    handles: list[Any] = []
+    labels: list[str] = []
+    if trained:
+        xs, ys = (np.array(v, dtype=float) for v in zip(*trained, strict=True))
+        handles += ax.plot(xs, ys, color=LOSS_COLOUR, linewidth=0.7)
+        labels.append("training loss (cross-entropy of the answer token), every step")
+        if window > 1:
+            handles += ax.plot(xs, running_mean(ys, window), color=SMOOTH_COLOUR, linewidth=1.8)
+            labels.append(f"training loss, mean of the last {window} steps")
+        ax.set_ylim(0, max(float(ys.max()) * 1.05, 1e-3))
+    else:
+        ax.text(0.5, 0.5, "no training step yet", transform=ax.transAxes, ha="center", fontsize=LABEL)
+        ax.set_yticks([])
+    handles.append(right.axhline(CHANCE, color=OTHER_COLOUR, linestyle="--", linewidth=1.0))
+    labels.append(f"chance ({CHANCE:g}): a judge that guesses")
+    if validated:
+        vx, vy = zip(*validated, strict=True)
+        handles += right.plot(
+            vx, vy, marker="o", markersize=4.5, linestyle=":", linewidth=0.8, color=ACCURACY_COLOUR
+        )
+        labels.append("validation pairwise accuracy (held-out queries)")
+    right.set_ylim(0, 1.02)
+    ax.set_xlim(0, max(curve.total_steps, curve.last_step, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimiser step", fontsize=LABEL)
+    ax.set_ylabel("training loss", fontsize=LABEL, color=SMOOTH_COLOUR)
+    right.set_ylabel("validation accuracy", fontsize=LABEL, color=ACCURACY_COLOUR)
+    ax.tick_params(labelsize=TICK)
+    right.tick_params(labelsize=TICK)
+    ax.grid(alpha=0.3)
+    _figure_legend(fig, handles, labels)
+    fig.suptitle(title, fontsize=SUPTITLE)
+    return fig
+
+
+def training_caption(curve: TrainingCurve) -> str:
+    return (
+        f"Fine-tune {curve.name} ({curve.judge} on {curve.base_model}, step {curve.last_step:,} of "
+        f"{curve.total_steps:,}, {curve.status}): training loss per step (thin) and its running mean; "
+        "validation pairwise accuracy on the held-out queries (markers, right axis; dashed: chance)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Figure 5
 
 
@@ -660,17 +807,21 @@ def write_figures(
     examples: int = 4,
     query_names: Sequence[str] = (),
     seed: int = 0,
+    adapter_names: Sequence[str] = (),
 ) -> list[Path]:
-    """Write every figure the report supports, and index.html; returns the paths written."""
+    """Write every figure the report supports, the training curve of the named adapters (none
+    named: of every adapter with stored steps), and index.html; returns the paths written."""
     from orchestrator.reporting.page import write_page
 
-    # Chosen first: a --query that a run did not finish fails before any file is written.
+    # Chosen first: a --query that a run did not finish, or an --adapter not stored or not started,
+    # fails before any file is written.
     chosen = {
         run.run_id: example_queries(
             reports.run_query_outcomes(s, run.run_id), run.run_id, examples, query_names, seed
         )
         for run in report.runs
     }
+    curves = training_curves(s, adapter_names)
     level = interval_name(report)
     written: list[tuple[Path, str]] = []
 
@@ -716,6 +867,8 @@ def write_figures(
             "tile or the reranker's top-1 when further down (with its stage-1 rank); the true tile dashed "
             "green, the reranker's top-1 outlined blue.",
         )
+    for curve in curves:
+        add(figure_training(curve), f"training-{curve.name}.png", training_caption(curve))
     page = write_page(out, report, written)
     return [p for p, _ in written] + [page]
 

@@ -7,6 +7,11 @@ row on one line instead, as the table1.txt that ``--out`` writes does.
 The human formats are blocks (caption, headers, cells) shared with the HTML page; CSV has one
 line per Table 1 row (baselines and runs), each run with its tests against its baseline; JSON is
 the whole report, every kind of row under its own key.
+
+A run reranked with a fine-tuned judge (``submit --adapter``) is named "<model> + adapter <NAME>"
+wherever its model is (Table 1, the figures' labels); CSV and JSON carry ``adapter``,
+``adapter_sha256`` and ``adapter_overlap``. A run whose adapter saw some of its queries in
+training (``--allow-overlap``) is marked ``†``, and a note says how many.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from orchestrator.reporting.rows import (
     ADJUSTMENT_METHOD,
     DIFFERENCE_METHOD,
     INTERVAL_METHOD,
+    OVERLAP_MARK,
     RECALL_KS,
     TEST_METHOD,
     BaselineRow,
@@ -108,6 +114,16 @@ def short_model(model: str | None) -> str:
     return (model or "-").rstrip("/").rsplit("/", 1)[-1]
 
 
+def model_label(row: RunRow) -> str:
+    """The run's model as the report names it: "llava-1.5-7b-hf", or with a fine-tuned judge
+    "llava-1.5-7b-hf + adapter city-lora", marked with ``OVERLAP_MARK`` when the adapter saw some of
+    the run's queries in training (a note says how many)."""
+    name = short_model(row.model)
+    if row.adapter:
+        name += f" + adapter {row.adapter}"
+    return name + (OVERLAP_MARK if row.adapter_overlap > 0 else "")
+
+
 def method(row: BaselineRow | RunRow) -> str:
     if isinstance(row, BaselineRow):
         return "baseline (stage 1)"
@@ -121,7 +137,7 @@ def run_label(row: BaselineRow | RunRow) -> str:
         return f"baseline (stage 1) · K={row.k} · {row.query_set}"
     options = {**row.strategy_options, **row.judge_options}
     return (
-        f"run {row.run_id}: {method(row)} · {short_model(row.model)} · K={row.k} · {row.query_set}\n"
+        f"run {row.run_id}: {method(row)} · {model_label(row)} · K={row.k} · {row.query_set}\n"
         + options_text(options).replace(", ", " ")
     )
 
@@ -335,7 +351,7 @@ def _table1(report: Report, level: str) -> Block:
             str(r.k),
             method(r),
             "-" if isinstance(r, BaselineRow) else r.judge,
-            "-" if isinstance(r, BaselineRow) else short_model(r.model),
+            "-" if isinstance(r, BaselineRow) else model_label(r),
             *(_recall_cell(r, k) for k in RECALL_KS),
         ]
         for r in rows
@@ -446,7 +462,7 @@ def csv_columns() -> list[str]:
     """Table 1 as CSV: the interval and test methods are named in the column names."""
     return [
         "kind", "run_id", "candidates", "query_set", "n_queries", "k", "strategy", "prompt", "judge", "model",
-        "status", "n_finished", "n_planned", "strategy_options", "judge_options",
+        "adapter", "adapter_sha256", "adapter_overlap", "status", "n_finished", "n_planned", "strategy_options", "judge_options",
         *(f"recall@{k}{part}" for k in RECALL_KS for part in ("", "_wilson_low", "_wilson_high")),
         *(f"{name}@{k}" for k in RECALL_KS
           for name in ("fixed", "broken", "delta", "delta_newcombe_low", "delta_newcombe_high", "p_mcnemar",
@@ -483,6 +499,7 @@ def csv_rows(report: Report) -> Iterable[dict[str, Any]]:
         if isinstance(r, RunRow):
             out.update(
                 run_id=r.run_id, strategy=r.strategy, prompt=r.prompt, judge=r.judge, model=r.model,
+                adapter=r.adapter, adapter_sha256=r.adapter_sha256, adapter_overlap=r.adapter_overlap,
                 status=r.status, n_finished=r.n_finished, n_planned=r.n_planned,
                 strategy_options=json.dumps(r.strategy_options, sort_keys=True),
                 judge_options=json.dumps(r.judge_options, sort_keys=True), ece=ece.get(r.run_id),

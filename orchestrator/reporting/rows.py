@@ -18,6 +18,8 @@ INTERVAL_METHOD = "Wilson score"
 DIFFERENCE_METHOD = "Newcombe paired (square-and-add)"
 TEST_METHOD = "exact McNemar"
 ADJUSTMENT_METHOD = "Holm"
+# After the model of a run whose adapter saw some of its queries in training (--allow-overlap).
+OVERLAP_MARK = "†"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class RunRow:
     strategy_options: dict[str, Any]
     judge_options: dict[str, Any]  # complete: the judge's own options plus decode mode and batch size
     recall: tuple[Recall, ...]
+    # A fine-tuned judge (``submit --adapter``): the adapter's name and content hash, and how many
+    # of the run's queries it saw in training or validation (more than 0 only with --allow-overlap).
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    adapter_overlap: int = 0
 
     def recall_at(self, k: int) -> Recall:
         return _recall_at(self.recall, k)

@@ -19,6 +19,7 @@ from workers.queues import (
     JUDGE_TASKS,
     TASK_NAMES,
     TASK_ROUTES,
+    TRAIN_TASK,
     VLM_PREFIX,
     model_slug,
     queue_for,
@@ -65,13 +66,14 @@ def _served(module: str) -> dict[str, str]:
 
 
 def test_every_task_is_registered_where_its_workers_run_and_routed_beside_its_queue():
-    assert len(set(TASK_NAMES)) == len(TASK_NAMES) == 5
+    assert len(set(TASK_NAMES)) == len(TASK_NAMES) == 6
     coordinator = _served("orchestrator.tasks")  # the coordinator and the embedded worker
     assert set(coordinator) == set(TASK_NAMES)
     for name, queue in TASK_ROUTES.items():
         assert coordinator[name] == queue, name
-    # Judgments have no fixed queue: each send names its model's (tests/embedded/test_open_queries.py).
-    assert not set(JUDGE_TASKS.values()) & set(TASK_ROUTES)
+    # Judgments and fine-tunes have no fixed queue: each send names its model's
+    # (tests/embedded/test_open_queries.py, tests/integration/test_finetune.py).
+    assert not {*JUDGE_TASKS.values(), TRAIN_TASK} & set(TASK_ROUTES)
     # A GPU or retrieval worker runs workers.app: every task but the coordinator's own.
     assert set(_served("workers.app")) == set(TASK_NAMES) - {ADVANCE_TASK}
     assert queue_for("simulated").startswith(VLM_PREFIX)

@@ -178,15 +178,16 @@ def train(
         optimizer.step()
         scheduler.step()
         done = step + 1
+        loss_value = loss.item()
         figures: dict[str, float | None] = {
-            "loss": float(loss),
+            "loss": loss_value,
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }
         if done % config.eval_every == 0 or done == total_steps:
             accuracy, val_loss = evaluate(judge, val_examples)
             figures.update(val_accuracy=_finite(accuracy), val_loss=_finite(val_loss))
-            log.info("step %d: loss %.4f, validation accuracy %.3f", done, float(loss), accuracy)
+            log.info("step %d: loss %.4f, validation accuracy %.3f", done, loss_value, accuracy)
         training_log.step(done, **figures)
         if done % config.checkpoint_every == 0 and done < total_steps:
             training_log.checkpoint(done, save_checkpoint(output_dir, done, model, optimizer, scheduler))
