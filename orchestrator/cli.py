@@ -578,13 +578,15 @@ def status(target: str | None) -> None:
 
     Example: orchestrator status 3
     """
+    if target is not None:
+        fine.check_target(target)
     with sessions()() as s:
         if target is not None and not target.isdigit():
             lines = fine.status_lines(s, target)
         else:
             lines = run_status_lines(s, int(target) if target else None)
             if target is None:
-                lines += fine.adapters_lines(s)
+                lines += fine.adapters_lines(s, after_runs=bool(lines))
     click.echo("\n".join(lines) if lines else "no runs yet")
 
 
@@ -605,7 +607,7 @@ def resume(target: str, wait: bool) -> None:
 
     Example: orchestrator resume 3 --wait
     """
-    if not target.isdigit():
+    if not fine.check_target(target).isdigit():
         try:
             sent, p = fine.resume_finetune(sessions(), target, wait)
         except KeyboardInterrupt:

@@ -37,6 +37,8 @@ def calibrate_run(s: Session, parent_id: int, method: str, dev_share: float = 0.
     params = {
         "judge_options": dict((parent.params or {}).get("judge_options", {})),
         "decode": (parent.params or {}).get("decode", "choices"),
+        # A fine-tuned parent's adapter (and its overlap count) labels the derived run in reports too.
+        **({"adapter": parent.params["adapter"]} if (parent.params or {}).get("adapter") else {}),
         "strategy_options": {
             "parent": parent.id,
             "parent_strategy": parent.strategy,

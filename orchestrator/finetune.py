@@ -241,6 +241,13 @@ def summary(p: TrainingProgress) -> str:
     return f"adapter {p.name} {p.status}: {p.step}/{p.total} steps, loss {_num(p.loss)}, validation accuracy {_num(p.val_accuracy)}"
 
 
+def check_target(target: str) -> str:
+    """``status`` / ``resume`` take a run id or an adapter name; anything else is refused here."""
+    if not (target.isdigit() or NAME.fullmatch(target)):
+        raise FinetuneError(f"{target!r} is neither a run id nor an adapter name")
+    return target
+
+
 def status_lines(s: Session, name: str) -> list[str]:
     """``orchestrator status ADAPTER``: the job, then its steps (loss, learning rate, validation)."""
     adapter = store.adapter_named(s, name)
@@ -340,12 +347,13 @@ def _drive(
     return follow_training(sf, name, stall_seconds())
 
 
-def adapters_lines(s: Session) -> list[str]:
+def adapters_lines(s: Session, after_runs: bool = False) -> list[str]:
     """Every adapter in one line each, for ``orchestrator status`` (no lines: none)."""
     rows = store.adapters(s)
     if not rows:
         return []
-    lines = ["", f"{'adapter':24}  {'status':9}  {'steps':>11}  {'val acc':>7}  base model"]
+    lines = [""] if after_runs else []
+    lines += [f"{'adapter':24}  {'status':9}  {'steps':>11}  {'val acc':>7}  base model"]
     for a in rows:
         p = training_progress(s, a)
         lines.append(

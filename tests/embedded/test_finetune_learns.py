@@ -89,6 +89,20 @@ def test_a_short_finetune_learns_on_three_seeds_and_reranks_held_out_cities_bett
     ]
     zero_shot = int(run(*rerank).split()[-1])
     tuned = int(run(*rerank, "--adapter", "s0").split()[-1])
+    # The same judge, model, prompt and queries: judgment reuse must still not mix the two.
+    sha = db.execute("SELECT adapter_sha256 FROM adapters WHERE name = 's0'").fetchone()[0]
+    revisions = dict(
+        db.execute(
+            "SELECT run_id, GROUP_CONCAT(DISTINCT model_revision) FROM pairwise_verdicts "
+            "WHERE run_id IN (?, ?) GROUP BY run_id",
+            (zero_shot, tuned),
+        ).fetchall()
+    )
+    assert revisions[tuned] == f"{revisions[zero_shot]}+adapter-{sha[:12]}"
+    assert (
+        db.execute("SELECT COUNT(*) FROM pairwise_verdicts WHERE reused_from_id IS NOT NULL").fetchone()[0]
+        == 0
+    )
     report = json.loads(run("report", str(zero_shot), str(tuned), "--format", "json", "--common"))
     r1 = {r["run_id"]: next(x["value"] for x in r["recall"] if x["k"] == 1) for r in report["runs"]}
     print("R@1 zero-shot, fine-tuned:", r1)

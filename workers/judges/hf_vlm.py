@@ -257,16 +257,28 @@ class HFVisionJudge:
                 texts = self._in_batches(rows, lambda part: self._generate_plain(part, config))
             return [t.strip() for t in texts]
 
-    def answer_logprobs(self, requests: Sequence[JudgeRequest], choices: Sequence[str]) -> torch.Tensor:
+    def answer_inputs(
+        self, requests: Sequence[JudgeRequest], choices: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model inputs of ``requests`` (decoded, preprocessed, on the device) and each one's
+        answer token ids [requests, choices]: what ``answer_logprobs`` runs, prepared apart so that a
+        training loop prepares the next batch while the model works on this one."""
+        rows = [self._row(r, tuple(choices)) for r in requests]
+        return self._processor_inputs(rows), torch.tensor([r.answer_ids for r in rows], device=self.device)
+
+    def answer_logprobs(
+        self,
+        requests: Sequence[JudgeRequest],
+        choices: Sequence[str],
+        prepared: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[requests, choices] log-probabilities of each choice's token after each request's prompt
         and answer prefix, over the whole vocabulary: the plain path, differentiable. The
         fine-tune's loss and validation accuracy read it (``workers/training``), so a model is
-        trained on exactly the tokens it is later asked with."""
-        rows = [self._row(r, tuple(choices)) for r in requests]
-        inputs = self._processor_inputs(rows)
+        trained on exactly the tokens it is later asked with. ``prepared``: ``answer_inputs``'s."""
+        inputs, answer_ids = prepared if prepared is not None else self.answer_inputs(requests, choices)
         logits = self.hf(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-        logprobs = logits.float().log_softmax(-1)
-        return logprobs.gather(1, torch.tensor([r.answer_ids for r in rows], device=logprobs.device))
+        return logits.float().log_softmax(-1).gather(1, answer_ids)
 
     def stats(self) -> dict[str, Any]:
         """Cache, batch and work figures for benchmarks and ``inspect gpu``."""
