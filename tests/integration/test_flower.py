@@ -1,4 +1,5 @@
-"""Flower (basic auth) sees the judgment worker; `inspect gpu` reports what the worker serves."""
+"""Flower (basic auth) sees the judgment and training workers and their tasks; `inspect gpu`
+reports what the judgment worker serves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from tests.integration.conftest import REPO, cli
 from tests.services import free_port, wait_for_port
+from tests.tiny_vlms import tiny_checkpoint
+from workers.queues import train_queue_for
 
 pytestmark = pytest.mark.integration
 AUTH = "admin:s3cret"
@@ -31,7 +34,7 @@ def get(url: str, auth: str | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_flower_lists_the_worker_and_counts_its_tasks(stack_env, dataset, workers, tmp_path):
+def test_flower_lists_the_worker_and_counts_its_tasks(stack_env, dataset, workers, tmp_path, tmp_path_factory):
     port = free_port()
     log = (tmp_path / "flower.log").open("wb")
     flower = subprocess.Popen(
@@ -47,6 +50,12 @@ def test_flower_lists_the_worker_and_counts_its_tasks(stack_env, dataset, worker
         cli(stack_env, "ingest", str(dataset))
         cli(stack_env, "import-candidates", str(dataset / "candidates.csv"), "--name", "s4g")
         cli(stack_env, "submit", "--queries", "5", "--k", "8", "--wait")
+        # A fine-tune is a task like the others: Flower counts it on its training worker.
+        tiny = str(tiny_checkpoint("llava", tmp_path_factory.getbasetemp() / "tiny-vlms"))
+        trainer = f"train-tiny-llava@{socket.gethostname()}"
+        workers([train_queue_for(tiny)], "train-tiny-llava", app="workers.app")
+        cli(stack_env, "finetune", "--model", tiny, "--candidates", "s4g", "--name", "lora", "--steps", "2",
+            "--negatives", "1", "--wait")  # fmt: skip
 
         base = f"http://127.0.0.1:{port}"
         assert get(base + "/healthcheck")[0] == 200
@@ -58,6 +67,7 @@ def test_flower_lists_the_worker_and_counts_its_tasks(stack_env, dataset, worker
             metrics = get(base + "/metrics")[1]
             listed = status == 200 and node in json.loads(body)
             counted = 'task="cvgl.judge_pairwise"' in metrics and f'worker="{node}"' in metrics
+            counted = counted and f'task="cvgl.train",type="task-succeeded",worker="{trainer}"' in metrics
             if listed and counted or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

@@ -20,7 +20,10 @@ Two ways to run a batch, over the same tokens:
   processors (e.g. Qwen's repetition penalty), token for token as transformers' ``generate``.
 
 A batch that runs out of GPU memory gives the prefix cache a quarter of its room back and is split
-in two and retried; the size that fits is kept and logged.
+in two and retried; the size that fits is kept and logged. A fine-tuned judge (``adapter``, from
+``orchestrator finetune``) has its LoRA adapter checked against its stored hash and merged into the
+weights on load (``adapters.py``): both paths run unchanged, and the revision it stores names the
+base revision and the adapter hash.
 The unit tests hold reuse to plain and a batch to one-at-a-time within 1e-4 in fp32.
 """
 
