@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import adapters as store
 from db.engine import cvgl_home
+from db.leases import live_lease
 from db.models import DONE, FAILED, PENDING, Adapter, AdapterQuery
 from db.settings import settings
 from db.upsert import insert_ignore
@@ -164,7 +165,7 @@ def stale_adapter(s: Session, adapter_id: int) -> bool:
 @dataclass(frozen=True)
 class TrainingProgress:
     name: str
-    status: str  # 'queued', 'training', 'done', 'failed'
+    status: str  # 'queued', 'training', 'interrupted' (its trainer died), 'done', 'failed'
     step: int
     total: int
     loss: float | None
@@ -184,7 +185,12 @@ def training_progress(s: Session, adapter: Adapter) -> TrainingProgress:
     accuracy = [r.val_accuracy for r in steps if r.val_accuracy is not None]
     status = adapter.status
     if status not in (DONE, FAILED):
-        status = "training" if adapter.leased_by else "queued"
+        # A lease that lapsed (or whose process is gone): the trainer died; redelivery or
+        # `resume NAME` continues from the newest checkpoint.
+        if adapter.leased_by is None:
+            status = "queued"
+        else:
+            status = "training" if live_lease(adapter.leased_by, adapter.lease_until) else "interrupted"
     return TrainingProgress(
         adapter.name, status, last.step if last else 0, adapter.total_steps,
         losses[-1] if losses else None, accuracy[-1] if accuracy else None, adapter.attempts, adapter.error,

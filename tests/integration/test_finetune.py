@@ -61,11 +61,11 @@ def test_a_sigkilled_trainer_is_redelivered_and_resumes_to_the_uninterrupted_ada
     queue = train_queue_for(llava)
     assert queue == "train.tiny-llava"
     engine = create_engine(pg_url)
-    common = ["finetune", "--model", llava, *TRAIN, "--steps", "120", "--checkpoint-every", "20"]
+    common = ["finetune", "--model", llava, *TRAIN, "--steps", "200", "--checkpoint-every", "20"]
 
     trainer = workers([queue], "trainer", app="workers.app")
     done = cli(stack, *common, "--name", "whole", "--wait")
-    assert "adapter whole done: 120/120 steps" in done.stdout
+    assert "adapter whole done: 200/200 steps" in done.stdout
 
     cli(stack, *common, "--name", "killed")  # queued; no wait
     killed_id = adapter(engine, "killed").id
@@ -82,7 +82,7 @@ def test_a_sigkilled_trainer_is_redelivered_and_resumes_to_the_uninterrupted_ada
     assert a.status == "pending" and a.attempts == 1
     with Session(engine) as s:
         reached = s.scalar(select(func.max(TrainingStep.step)).where(TrainingStep.adapter_id == killed_id))
-    assert at <= reached < 120, "killed before the end"
+    assert at <= reached < 200, "killed before the end"
 
     second = workers([queue], "trainer2", app="workers.app")  # Redis redelivers after its visibility timeout
     wait_for(lambda: adapter(engine, "killed").status != "pending", 180, "the resumed job did not end")
@@ -98,13 +98,13 @@ def test_a_sigkilled_trainer_is_redelivered_and_resumes_to_the_uninterrupted_ada
             name: {r.step: r for r in s.scalars(select(TrainingStep).where(TrainingStep.adapter_id == i))}
             for name, i in (("whole", whole.id), ("killed", resumed.id))
         }
-    assert sorted(steps["killed"]) == list(range(121))  # every step once, the redone ones overwritten
-    for step in range(1, 121):
+    assert sorted(steps["killed"]) == list(range(201))  # every step once, the redone ones overwritten
+    for step in range(1, 201):
         assert steps["killed"][step].loss == pytest.approx(steps["whole"][step].loss, abs=1e-5)
-    assert steps["killed"][120].val_accuracy == steps["whole"][120].val_accuracy
+    assert steps["killed"][200].val_accuracy == steps["whole"][200].val_accuracy
     # status ADAPTER shows the job, its bar and its rows.
     shown = cli(stack, "status", "killed").stdout
-    assert "adapter killed: done (attempt 2/3)" in shown and "step 120/120" in shown and "val acc" in shown
+    assert "adapter killed: done (attempt 2/3)" in shown and "step 200/200" in shown and "val acc" in shown
 
 
 def test_submit_with_an_adapter_refuses_its_training_queries_and_bad_input_stores_nothing(
