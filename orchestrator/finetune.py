@@ -9,6 +9,7 @@ Errors a user can meet are ``FinetuneError`` with one-line messages; nothing is 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from orchestrator.submit import pick_candidate_set
 from workers.judges.registry import CHECKPOINT_TYPES, check_judge_name, check_model_folder, default_model
 from workers.queues import train_queue_for
 from workers.training.examples import QueryLabels, pair_examples, split_queries, steps_for
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 EMBEDDED_STALL_SECONDS = 600.0  # the in-process trainer reports when busy: a long step is not a stall
@@ -213,13 +216,26 @@ def follow_training(
             assert adapter is not None
             return training_progress(s, adapter)
 
+    warned: list[bool] = []
+
     def on_stall() -> None:
         with sf() as s:
             adapter = store.adapter_named(s, name)
-            if adapter is not None and stale_adapter(s, adapter.id):
+            if adapter is None:
+                return
+            if stale_adapter(s, adapter.id):
                 raise RunStalled(
                     f"adapter {name} made no progress and no trainer holds it: is a worker consuming "
                     f"{adapter.queue}? `orchestrator resume {name}` sends it again"
+                )
+            if adapter.leased_by is None and not warned:  # its message waits: no trainer has taken it
+                warned.append(True)
+                log.warning(
+                    "adapter %s is still queued on %s: is a training worker running? "
+                    "(orchestrator worker --train --model %s)",
+                    name,
+                    adapter.queue,
+                    adapter.base_model,
                 )
 
     return follow(

@@ -163,6 +163,17 @@ def stack_env(pg_url, clean_redis, tmp_path) -> dict[str, str]:
 IN_PROCESS = frozenset({"synth", "ingest", "import-candidates", "status", "report", "figures", "migrate"})
 
 
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned); TimeoutError(what) after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(what)
+
+
 def cli(
     env: dict[str, str], *args: str, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess:

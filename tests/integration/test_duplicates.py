@@ -15,22 +15,12 @@ from sqlalchemy.exc import DBAPIError
 
 from db.engine import make_engine
 from db.models import PairwiseVerdict, Ranking, Run
-from tests.integration.conftest import cli
+from tests.integration.conftest import cli, wait_for
 from workers.app import app
 
 pytestmark = pytest.mark.integration
 
 SUBMIT = ["submit", "--strategy", "pairwise", "--accuracy", "0.7", "--seed", "3", "--no-reuse"]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def _run_id(proc) -> int:
@@ -77,7 +67,7 @@ def test_resume_while_the_only_judgment_is_judged_spends_no_attempt(stack_env, d
     judges = [workers(["vlm.simulated"], f"vlm-simulated-{i}", app="workers.app") for i in range(2)]
     one = ["--queries", "1", "--k", "2", "--max-attempts", "3"]
     run_id = _run_id(cli(stack_env, *SUBMIT, *one, "--latency-ms", "4000"))
-    _wait(lambda: any(r.attempts == 1 for r in _rows(engine, run_id)), 30, "the judgment to be taken")
+    wait_for(lambda: any(r.attempts == 1 for r in _rows(engine, run_id)), 30, "the judgment to be taken")
     for _ in range(3):
         resumed = cli(stack_env, "resume", str(run_id))  # the judgment runs under a live lease: not stale
         assert f"run {run_id}: re-sent 0 stale judgments" in resumed.stdout
@@ -89,7 +79,7 @@ def test_resume_while_the_only_judgment_is_judged_spends_no_attempt(stack_env, d
     if first.status == "pending":
         with app.connection_for_write(stack_env["CVGL_BROKER_URL"]) as conn:
             app.send_task("cvgl.judge_pairwise", args=[[row_id]], queue="vlm.simulated", connection=conn)
-    _wait(lambda: _done(engine, run_id), 60, "the run to finish")
+    wait_for(lambda: _done(engine, run_id), 60, "the run to finish")
     (row,) = _rows(engine, run_id)
     assert (row.status, row.attempts, row.error) == ("done", 1, None)
     deferred = sum(j.log.read_text().count("duplicate delivery deferred") for j in judges)
@@ -113,7 +103,7 @@ def test_a_frozen_worker_past_the_visibility_timeout_changes_nothing_when_it_wak
     run_id = _run_id(
         cli(env, *SUBMIT, "--queries", "6", "--k", "6", "--batch-size", "4", "--latency-ms", "500")
     )
-    _wait(
+    wait_for(
         lambda: any(r.attempts == 1 and r.status == "pending" for r in _rows(engine, run_id)),
         30,
         "a batch in hand",
@@ -134,7 +124,7 @@ def test_a_frozen_worker_past_the_visibility_timeout_changes_nothing_when_it_wak
         assert held
         workers(["vlm.simulated"], "vlm-simulated-live", app="workers.app")
         # The visibility timeout (8 s) brings the frozen batch back; its lease (3 s) has lapsed.
-        _wait(lambda: _done(engine, run_id), 90, "the run to finish without the frozen worker")
+        wait_for(lambda: _done(engine, run_id), 90, "the run to finish without the frozen worker")
     finally:
         os.kill(child.pid, signal.SIGCONT)
 

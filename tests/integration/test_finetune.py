@@ -5,7 +5,6 @@ exit 1, nothing stored; a tiny Qwen2.5-VL trains through the same path."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Adapter, AdapterCheckpoint, AdapterQuery, Run, TrainingStep
 from tests.builders import synthetic_dataset
-from tests.integration.conftest import cli
+from tests.integration.conftest import cli, wait_for
 from tests.tiny_vlms import build_tiny_llava, tiny_checkpoint
 from workers.queues import train_queue_for
 
@@ -38,16 +37,6 @@ def stack(stack_env, tmp_path):
 def adapter(engine, name: str) -> Adapter | None:
     with Session(engine) as s:
         return s.scalars(select(Adapter).where(Adapter.name == name)).first()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 def tensors(a: Adapter) -> dict:

@@ -11,20 +11,11 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from db.models import PairwiseVerdict, Ranking, Run
-from tests.integration.conftest import REPO, cli
+from tests.integration.conftest import REPO, cli, wait_for
 
 pytestmark = pytest.mark.integration
 
 SUBMIT = ["submit", "--strategy", "pairwise", "--accuracy", "0.8", "--seed", "7", "--batch-size", "24"]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def _rankings(engine, run_id: int) -> dict[int, list[int]]:
@@ -67,7 +58,7 @@ def test_run_survives_worker_and_coordinator_kills(stack_env, dataset, pg_url, w
         text=True,
     )
     with engine.connect() as c:
-        _wait(lambda: c.scalar(select(func.max(Run.id))) is not None, 30, "run not created")
+        wait_for(lambda: c.scalar(select(func.max(Run.id))) is not None, 30, "run not created", poll=0.05)
         run_id = c.scalar(select(func.max(Run.id)))
 
     def count(status: str) -> int:
@@ -92,7 +83,7 @@ def test_run_survives_worker_and_coordinator_kills(stack_env, dataset, pg_url, w
                 )
             )
 
-    _wait(lambda: count("done") >= 150 and claimed_in_flight(), 120, "no batch in flight")
+    wait_for(lambda: count("done") >= 150 and claimed_in_flight(), 120, "no batch in flight", poll=0.05)
     judge_worker.kill_child()  # SIGKILL in the middle of a batch; the parent forks a new child
     time.sleep(0.3)
     coordinator.kill()  # the coordination worker dies too ...

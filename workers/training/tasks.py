@@ -32,6 +32,7 @@ from workers.judges.base import JudgeRequest
 from workers.judging import resolve_image
 from workers.prompts import load_prompt
 from workers.queues import TRAIN_TASK
+from workers.tasks import MAX_HANDED_LEASES
 from workers.training.examples import PairExample, QueryLabels, pair_examples
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,12 @@ def train_adapter(self: Task, adapter_id: int, holders: list[str] | None = None)
         raise Reject(
             f"malformed training task payload: expected an adapter id, got {adapter_id!r:.200}", requeue=False
         )
-    adopt = [h for h in (holders or []) if isinstance(h, str)][-4:]
+    adopt = [h for h in (holders or []) if isinstance(h, str)][-MAX_HANDED_LEASES:]
     try:
         return run_job(self, adapter_id, adopt)
     except _DB_ERRORS as exc:
-        handed = list(dict.fromkeys([*adopt, leases.holder()]))[-4:]
+        # Whichever worker runs the retry takes over this process's lease: no attempt is spent.
+        handed = list(dict.fromkeys([*adopt, leases.holder()]))[-MAX_HANDED_LEASES:]
         countdown = get_exponential_backoff_interval(1, self.request.retries, DB_RETRY_BACKOFF_MAX, True)
         raise self.retry(exc=exc, kwargs={"holders": handed}, countdown=countdown) from exc
 
@@ -119,7 +121,7 @@ def run_job(task: Task, adapter_id: int, adopt: Sequence[str] = ()) -> str:
                 table.c.lease_until,
                 table.c.max_attempts,
                 table.c.queue,
-            ).where(table.c.id == adapter_id, table.c.status == PENDING)  # fmt: skip
+            ).where(table.c.id == adapter_id, table.c.status == PENDING)
         ).first()
         if row is None:
             return "nothing to do"  # done, failed, or deleted: a late duplicate
@@ -166,7 +168,10 @@ def run_job(task: Task, adapter_id: int, adopt: Sequence[str] = ()) -> str:
                 store.fail_adapter(s, adapter_id, me, f"{type(exc).__name__}: {exc}")
             return "failed"
     with sessions.begin() as s:
-        store.finish_adapter(s, adapter_id, me, result.sha256, result.base_revision)
+        finished = store.finish_adapter(s, adapter_id, me, result.sha256, result.base_revision)
+    if not finished:
+        log.warning("adapter %d was trained, but another trainer holds it now: its result stands", adapter_id)
+        return "lease lost"
     log.info(
         "adapter %d done: %s (validation accuracy %s)", adapter_id, result.adapter_dir, result.val_accuracy
     )
