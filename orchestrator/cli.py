@@ -308,11 +308,7 @@ def import_candidates_cmd(file: Path, name: str, dataset: str | None) -> None:
     help="timm model name (num_classes=0; one encoder for both views).",
 )
 @click.option(
-    "--k",
-    type=click.IntRange(min=1),
-    default=stage1.DEFAULT_K,
-    show_default=True,
-    help="Candidates per query.",
+    "--k", type=click.IntRange(min=1), default=stage1.DEFAULT_K, show_default=True, help="Candidates per query."
 )
 @click.option("--name", required=True, help="Name of the retrieval run and of the candidate set it writes.")
 @click.option(
@@ -376,9 +372,7 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help=f"One of: {', '.join(PROMPT_NAMES)} (default: pairwise, or yesno for pointwise).",
         ),
         click.option("--judge", default="simulated", show_default=True, help=f"One of: {', '.join(JUDGES)}."),
-        click.option(
-            "--model", default=None, help="Hub id or local checkpoint folder (default: the judge's)."
-        ),
+        click.option("--model", default=None, help="Hub id or local checkpoint folder (default: the judge's)."),
         click.option("--revision", default=None, help="Model revision (commit, tag or branch)."),
         click.option(
             "--decode",
@@ -406,10 +400,7 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Simulated judge: share of answers drawn at random per order shown (non-transitive).",
         ),
         click.option(
-            "--latency-ms",
-            type=click.FloatRange(min=0),
-            default=None,
-            help="Simulated judge: time per judgment.",
+            "--latency-ms", type=click.FloatRange(min=0), default=None, help="Simulated judge: time per judgment."
         ),
         click.option(
             "--top",
@@ -456,18 +447,10 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Queries sampled.",
         ),
         click.option(
-            "--seed",
-            type=int,
-            default=0,
-            show_default=True,
-            help="Seeds the query sample (and the simulated judge).",
+            "--seed", type=int, default=0, show_default=True, help="Seeds the query sample (and the simulated judge)."
         ),
         click.option(
-            "--k",
-            type=click.IntRange(min=2),
-            default=20,
-            show_default=True,
-            help="Candidates reranked per query.",
+            "--k", type=click.IntRange(min=2), default=20, show_default=True, help="Candidates reranked per query."
         ),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judgments per task."),
         click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True),
@@ -495,9 +478,7 @@ def _run_spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Simulated judge, fault injection: a judgment ('QUERY|TILE' or 'QUERY|FIRST|SECOND', file names) "
     "that kills the worker process asking it. Repeatable. Only with separate worker processes.",
 )
-@click.option(
-    "--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done."
-)
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Show progress until the run is done.")
 @click.option(
     "--then-calibrate",
     "then_calibrate",

@@ -89,9 +89,7 @@ def spec_from_options(
             raise SubmitError("--poison kills the process that asks the judgment: use separate workers")
         judge_options["poison"] = list(poison)
     if judge_options and options.get("judge", "simulated") != "simulated":
-        raise SubmitError(
-            "--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only"
-        )
+        raise SubmitError("--accuracy, --position-bias, --noise and --latency-ms apply to --judge simulated only")
     strategy_options: dict[str, Any] = {
         name: v for name in STRATEGY_OPTIONS if (v := options.pop(name, None)) is not None
     }
@@ -123,16 +121,13 @@ def pick_candidate_set(s: Session, name: str | None) -> CandidateSet:
 def check_adapter(
     s: Session, adapter: Adapter, spec: RunSpec, model: str, query_ids: Sequence[int]
 ) -> dict[str, Any]:
-    """Refuse an adapter that cannot serve this run; what the run stores of it (name, hash, how
-    many of its queries the adapter saw in training: 0 unless ``--allow-overlap``)."""
+    """Refuse an adapter that cannot serve this run (its judge was checked before the model was
+    chosen); what the run stores of it (name, hash, how many of its queries the adapter saw in
+    training: 0 unless ``--allow-overlap``)."""
     name = adapter.name
     if adapter.status != DONE:
         state = "failed" if adapter.status == FAILED else "not trained yet"
         raise SubmitError(f"adapter {name!r} is {state}: see `orchestrator status {name}`")
-    if spec.judge != adapter.judge:
-        raise SubmitError(
-            f"adapter {name!r} is a {adapter.judge} adapter: submit with --judge {adapter.judge}"
-        )
     if not _same_base(model, adapter.base_model, adapter.base_revision):
         raise SubmitError(
             f"adapter {name!r} was trained on {adapter.base_model} (revision {adapter.base_revision}), not {model}"
@@ -191,9 +186,7 @@ def create_run(s: Session, spec: RunSpec) -> int:
     if spec.decode not in DECODE_MODES:
         raise SubmitError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {spec.decode!r}")
     if spec.decode == "generate" and strategy.kind != "pairwise":
-        raise SubmitError(
-            "--decode generate answers pairwise prompts; pointwise prompts follow their own mode"
-        )
+        raise SubmitError("--decode generate answers pairwise prompts; pointwise prompts follow their own mode")
     if spec.k < 2:
         raise SubmitError("--k must be at least 2")
     if spec.n_queries is not None and spec.n_queries < 1:
