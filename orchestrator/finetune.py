@@ -37,7 +37,7 @@ EMBEDDED_STALL_SECONDS = 600.0  # the in-process trainer reports when busy: a lo
 
 
 class FinetuneError(ValueError):
-    """Bad input to ``finetune`` (or ``submit --adapter``); the message is one line."""
+    """Bad input to ``finetune``, ``status`` or ``resume`` of an adapter; the message is one line."""
 
 
 @dataclass

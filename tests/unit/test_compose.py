@@ -57,3 +57,25 @@ def test_services_and_safe_defaults(compose):
         assert queue.startswith("vlm.")
         assert svc["command"][svc["command"].index("-c") + 1] == "1"
     assert all("healthcheck" in services[s] for s in ("postgres", "redis", "flower"))
+    # The training worker: its own profile and GPU, one job per child, the adapters volume shared
+    # (read-only) with the judgment workers that load what it writes.
+    trainer = services["worker-train-llava"]
+    assert trainer["profiles"] == ["train"]
+    assert trainer["command"][trainer["command"].index("-Q") + 1] == "train.llava-1.5-7b-hf"
+    assert trainer["command"][trainer["command"].index("--max-tasks-per-child") + 1] == "1"
+    assert trainer["environment"]["CVGL_ADAPTERS_DIR"] == "/adapters"
+    gpus = {s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+            for s in ("worker-llava", "worker-qwen", "worker-train-llava")}  # fmt: skip
+    assert len(set(gpus.values())) == 3
+    for name in ("worker-train-llava", "worker-llava", "worker-qwen"):
+        mounts = [m for m in services[name]["volumes"] if _mount_target(m) == "/adapters"]
+        assert len(mounts) == 1, name
+        assert _read_only(mounts[0]) == (name != "worker-train-llava"), name
+
+
+def _mount_target(mount) -> str:
+    return mount["target"] if isinstance(mount, dict) else str(mount).split(":")[1]
+
+
+def _read_only(mount) -> bool:
+    return bool(mount.get("read_only")) if isinstance(mount, dict) else str(mount).endswith(":ro")
