@@ -79,17 +79,7 @@ def environment(device: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--cpu-smoke", action="store_true", help="tiny shapes, small images, on the CPU: the same path"
-    )
-    parser.add_argument(
-        "--shapes", choices=["tiny", "7b"], default=None, help="model shapes (default 7b; smoke: tiny)"
-    )
-    parser.add_argument("--device", default=None, help="default cuda; smoke: cpu")
-    parser.add_argument(
-        "--image-sizes", choices=["small", "real"], default=None, help="default real (VIGOR's); smoke: small"
-    )
-    parser.add_argument("--out", type=Path, default=Path("gpu-measure.json"), help="JSON results")
+    micro.add_run_options(parser, Path("gpu-measure.json"))
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds for the whole run (default 450; smoke 50)"
     )

@@ -16,6 +16,7 @@ submit's size, query by query); pointwise, Yes/No for every candidate. Outcomes 
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -332,3 +333,18 @@ def bench_family(
             f"batched {vt['panorama_batched_ms']:.1f} ms; tile: loop {vt['tile_loop_ms']:.1f} ms, batched {vt['tile_batched_ms']:.1f} ms"
         )
     return results, ((model, processor) if keep_model else None)
+
+
+def add_run_options(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every GPU measurement script takes: the CPU smoke, shapes, device, image sizes, output."""
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny shapes, small images, on the CPU: the same path"
+    )
+    parser.add_argument(
+        "--shapes", choices=["tiny", "7b"], default=None, help="model shapes (default 7b; smoke: tiny)"
+    )
+    parser.add_argument("--device", default=None, help="default cuda; smoke: cpu")
+    parser.add_argument(
+        "--image-sizes", choices=["small", "real"], default=None, help="default real (VIGOR's); smoke: small"
+    )
+    parser.add_argument("--out", type=Path, default=out, help="JSON results")

@@ -311,17 +311,7 @@ def parse_sizes(raw: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--cpu-smoke", action="store_true", help="tiny shapes, small images, on the CPU: the same path"
-    )
-    parser.add_argument(
-        "--shapes", choices=["tiny", "7b"], default=None, help="model shapes (default 7b; smoke: tiny)"
-    )
-    parser.add_argument("--device", default=None, help="default cuda; smoke: cpu")
-    parser.add_argument(
-        "--image-sizes", choices=["small", "real"], default=None, help="default real (VIGOR's); smoke: small"
-    )
-    parser.add_argument("--out", type=Path, default=Path("gpu-train.json"), help="JSON results")
+    micro.add_run_options(parser, Path("gpu-train.json"))
     parser.add_argument(
         "--batch-sizes", type=parse_sizes, default=list(BATCH_SIZES), help="comma-separated (default 1,4,8)"
     )

@@ -60,9 +60,9 @@ def lora_config(judge_name: str, r: int, alpha: float | None, dropout: float, tr
     )
 
 
-def merge_adapter(hf_model: Any, folder: str | Path, sha256: str | None) -> Any:
-    """``hf_model`` with the adapter in ``folder`` merged into its weights (checked against
-    ``sha256`` first when given)."""
+def merge_adapter(hf_model: Any, folder: str | Path, sha256: str | None) -> tuple[Any, str]:
+    """(``hf_model`` with the adapter in ``folder`` merged into its weights, the adapter's hash),
+    the files checked against ``sha256`` first when given."""
     found = adapter_sha256(folder)
     if sha256 is not None and found != sha256:
         raise AdapterError(
@@ -71,4 +71,4 @@ def merge_adapter(hf_model: Any, folder: str | Path, sha256: str | None) -> Any:
         )
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload()
+    return PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload(), found

@@ -42,7 +42,6 @@ import torch
 from PIL import Image
 
 from workers.judges.adapters import adapted_revision, merge_adapter
-from workers.judges.adapters import adapter_sha256 as adapter_sha256_of
 from workers.judges.answer_tokens import answer_token_ids, join_answer_prefix
 from workers.judges.base import JudgeRequest
 from workers.judges.checkpoint import check_family, resolve_checkpoint
@@ -129,8 +128,8 @@ class HFVisionJudge:
         processor = AutoProcessor.from_pretrained(model, revision=load_revision)
         hf_model = model_cls.from_pretrained(model, revision=load_revision, dtype=DTYPES[settings.dtype])
         if adapter:  # a fine-tuned judge (orchestrator finetune): merged, so every path runs unchanged
-            hf_model = merge_adapter(hf_model, adapter, adapter_sha256)
-            stored_revision = adapted_revision(stored_revision, adapter_sha256 or adapter_sha256_of(adapter))
+            hf_model, sha256 = merge_adapter(hf_model, adapter, adapter_sha256)
+            stored_revision = adapted_revision(stored_revision, sha256)
         self._setup(hf_model, processor, model, stored_revision, settings)
 
     @classmethod

@@ -92,9 +92,9 @@ def load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) ->
 
     weights = load_file(str(folder / "adapter_model.safetensors"), device=str(_device_of(model)))
     result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
-        raise ValueError(f"checkpoint {folder} does not fit this adapter: {missing[:3]}")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {folder} does not fit this adapter: {unexpected[:3]}")
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

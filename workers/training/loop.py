@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,13 @@ from workers.judges.adapters import ADAPTER_DIR, METADATA_FILE, adapter_sha256, 
 from workers.judges.base import JudgeRequest
 from workers.judges.registry import judge_class
 from workers.prompts import PAIR
-from workers.training.checkpoints import load_checkpoint, remove_partial, save_checkpoint, write_atomically
+from workers.training.checkpoints import (
+    checkpoint_path,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+    write_atomically,
+)
 from workers.training.examples import batch_indices
 
 log = logging.getLogger(__name__)
@@ -239,10 +246,6 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
 
 def _prune(output_dir: Path, kept: list[int], keep: int, training_log: TrainingLog) -> None:
     """Keep the newest ``keep`` checkpoints: forget the rows first, then delete the folders."""
-    import shutil
-
-    from workers.training.checkpoints import checkpoint_path
-
     old = kept[:-keep] if keep > 0 else []
     if not old:
         return
